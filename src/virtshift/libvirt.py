@@ -1,0 +1,565 @@
+"""A drop-in subset of libvirt-python for QEMU domains, snapshots and block jobs.
+
+``import virtshift.libvirt as libvirt`` and a libvirt-python script's calls to
+``open``, ``virConnect.defineXML``, ``virDomain.create``, ``XMLDesc`` and the
+rest of the supported surface run unchanged: same class and method names,
+signatures and defaults, flag constants with libvirt's values, and
+:class:`libvirtError` with libvirt's error numbers.
+
+Differences from libvirt, on purpose:
+
+* there is no daemon: the connection drives QEMU itself (see
+  :mod:`virtshift.runtime.driver`), and QEMU outlives the Python process;
+* only ``qemu:///session`` and ``qemu:///embed?root=DIR`` are accepted.
+
+This module only adapts shapes (arguments, return values, errors); the work is
+done by the runtime.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import uuid as _uuid
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from virtshift.errors import ErrorCode, ErrorDomain, VirtError
+from virtshift.model.status import DomainState
+from virtshift.runtime.driver import DomainRecord, Driver
+from virtshift.uri import resolve_uri
+
+__all__ = ["libvirtError", "open", "openReadOnly", "virConnect", "virDomain"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# -- constants (libvirt's numeric values) ---------------------------------------
+
+VIR_ERR_OK = 0
+VIR_ERR_INTERNAL_ERROR = 1
+VIR_ERR_NO_SUPPORT = 3
+VIR_ERR_NO_CONNECT = 5
+VIR_ERR_INVALID_ARG = 8
+VIR_ERR_OPERATION_FAILED = 9
+VIR_ERR_XML_ERROR = 27
+VIR_ERR_DOM_EXIST = 28
+VIR_ERR_OPERATION_DENIED = 29
+VIR_ERR_XML_DETAIL = 35
+VIR_ERR_SYSTEM_ERROR = 38
+VIR_ERR_NO_DOMAIN = 42
+VIR_ERR_OPERATION_INVALID = 55
+VIR_ERR_CONFIG_UNSUPPORTED = 67
+VIR_ERR_OPERATION_TIMEOUT = 68
+VIR_ERR_INVALID_DOMAIN_SNAPSHOT = 71
+VIR_ERR_NO_DOMAIN_SNAPSHOT = 72
+VIR_ERR_ARGUMENT_UNSUPPORTED = 74
+VIR_ERR_OPERATION_ABORTED = 78
+VIR_ERR_OVERFLOW = 82
+VIR_ERR_BLOCK_COPY_ACTIVE = 83
+VIR_ERR_OPERATION_UNSUPPORTED = 84
+VIR_ERR_AGENT_UNRESPONSIVE = 86
+VIR_ERR_RESOURCE_BUSY = 87
+VIR_ERR_XML_INVALID_SCHEMA = 92
+VIR_ERR_DEVICE_MISSING = 99
+
+VIR_FROM_NONE = 0
+VIR_FROM_QEMU = 10
+VIR_FROM_DOMAIN = 20
+VIR_FROM_DOMAIN_SNAPSHOT = 35
+VIR_ERR_NONE = 0
+VIR_ERR_WARNING = 1
+VIR_ERR_ERROR = 2
+
+VIR_DOMAIN_NOSTATE = 0
+VIR_DOMAIN_RUNNING = 1
+VIR_DOMAIN_BLOCKED = 2
+VIR_DOMAIN_PAUSED = 3
+VIR_DOMAIN_SHUTDOWN = 4
+VIR_DOMAIN_SHUTOFF = 5
+VIR_DOMAIN_CRASHED = 6
+VIR_DOMAIN_PMSUSPENDED = 7
+
+VIR_DOMAIN_RUNNING_UNKNOWN = 0
+VIR_DOMAIN_RUNNING_BOOTED = 1
+VIR_DOMAIN_RUNNING_UNPAUSED = 5
+VIR_DOMAIN_RUNNING_FROM_SNAPSHOT = 4
+VIR_DOMAIN_PAUSED_UNKNOWN = 0
+VIR_DOMAIN_PAUSED_USER = 1
+VIR_DOMAIN_PAUSED_FROM_SNAPSHOT = 6
+VIR_DOMAIN_PAUSED_SNAPSHOT = 9
+VIR_DOMAIN_PAUSED_STARTING_UP = 11
+VIR_DOMAIN_SHUTOFF_UNKNOWN = 0
+VIR_DOMAIN_SHUTOFF_DESTROYED = 2
+
+VIR_DOMAIN_NONE = 0
+VIR_DOMAIN_START_PAUSED = 1
+VIR_DOMAIN_START_AUTODESTROY = 2
+VIR_DOMAIN_START_BYPASS_CACHE = 4
+VIR_DOMAIN_START_FORCE_BOOT = 8
+VIR_DOMAIN_START_VALIDATE = 16
+VIR_DOMAIN_START_RESET_NVRAM = 32
+
+VIR_DOMAIN_DEFINE_VALIDATE = 1
+
+VIR_DOMAIN_DESTROY_DEFAULT = 0
+VIR_DOMAIN_DESTROY_GRACEFUL = 1
+
+VIR_DOMAIN_UNDEFINE_MANAGED_SAVE = 1
+VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA = 2
+VIR_DOMAIN_UNDEFINE_NVRAM = 4
+VIR_DOMAIN_UNDEFINE_KEEP_NVRAM = 8
+VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA = 16
+VIR_DOMAIN_UNDEFINE_TPM = 32
+VIR_DOMAIN_UNDEFINE_KEEP_TPM = 64
+
+VIR_DOMAIN_XML_SECURE = 1
+VIR_DOMAIN_XML_INACTIVE = 2
+VIR_DOMAIN_XML_UPDATE_CPU = 4
+VIR_DOMAIN_XML_MIGRATABLE = 8
+
+VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1
+VIR_CONNECT_LIST_DOMAINS_INACTIVE = 2
+VIR_CONNECT_LIST_DOMAINS_PERSISTENT = 4
+VIR_CONNECT_LIST_DOMAINS_TRANSIENT = 8
+VIR_CONNECT_LIST_DOMAINS_RUNNING = 16
+VIR_CONNECT_LIST_DOMAINS_PAUSED = 32
+VIR_CONNECT_LIST_DOMAINS_SHUTOFF = 64
+VIR_CONNECT_LIST_DOMAINS_OTHER = 128
+
+# snapshots (used by later layers; values from libvirt 10.7)
+VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE = 1
+VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT = 2
+VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA = 4
+VIR_DOMAIN_SNAPSHOT_CREATE_HALT = 8
+VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY = 16
+VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT = 32
+VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE = 64
+VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC = 128
+VIR_DOMAIN_SNAPSHOT_CREATE_LIVE = 256
+VIR_DOMAIN_SNAPSHOT_CREATE_VALIDATE = 512
+VIR_DOMAIN_SNAPSHOT_XML_SECURE = 1
+VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN = 1
+VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY = 2
+VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY = 4
+#: virtshift extension (the proposal's flag; libvirt never shipped it).
+VIR_DOMAIN_SNAPSHOT_DELETE_REOPEN_MIRROR = 8
+
+VIR_DOMAIN_BLOCK_JOB_TYPE_UNKNOWN = 0
+VIR_DOMAIN_BLOCK_JOB_TYPE_PULL = 1
+VIR_DOMAIN_BLOCK_JOB_TYPE_COPY = 2
+VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT = 3
+VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT = 4
+VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP = 5
+VIR_DOMAIN_BLOCK_JOB_COMPLETED = 0
+VIR_DOMAIN_BLOCK_JOB_FAILED = 1
+VIR_DOMAIN_BLOCK_JOB_CANCELED = 2
+VIR_DOMAIN_BLOCK_JOB_READY = 3
+VIR_DOMAIN_EVENT_ID_BLOCK_JOB = 8
+VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2 = 16
+
+
+_STATE_REASON: dict[tuple[DomainState, str], int] = {
+    (DomainState.RUNNING, "booted"): VIR_DOMAIN_RUNNING_BOOTED,
+    (DomainState.RUNNING, "unpaused"): VIR_DOMAIN_RUNNING_UNPAUSED,
+    (DomainState.PAUSED, "user"): VIR_DOMAIN_PAUSED_USER,
+    (DomainState.PAUSED, "starting up"): VIR_DOMAIN_PAUSED_STARTING_UP,
+}
+
+
+class libvirtError(Exception):  # noqa: N801 - libvirt-python's name
+    """libvirt-python's exception, with the same accessors.
+
+    ``err`` is libvirt's 9-tuple ``(code, domain, message, level, str1, str2,
+    str3, int1, int2)``.
+    """
+
+    def __init__(self, defmsg: str, *, err: tuple[Any, ...] | None = None) -> None:
+        self.err = err
+        super().__init__(err[2] if err else defmsg)
+
+    @classmethod
+    def _from(cls, error: VirtError) -> libvirtError:
+        return cls(
+            error.message,
+            err=(int(error.code), int(error.domain), error.message, VIR_ERR_ERROR,
+                 error.detail, None, None, -1, -1),
+        )  # fmt: skip
+
+    def get_error_code(self) -> int | None:
+        return None if self.err is None else int(self.err[0])
+
+    def get_error_domain(self) -> int | None:
+        return None if self.err is None else int(self.err[1])
+
+    def get_error_message(self) -> str | None:
+        return None if self.err is None else str(self.err[2])
+
+    def get_error_level(self) -> int | None:
+        return None if self.err is None else int(self.err[3])
+
+    def get_str1(self) -> str | None:
+        return None if self.err is None else self.err[4]
+
+    def get_str2(self) -> str | None:
+        return None if self.err is None else self.err[5]
+
+    def get_str3(self) -> str | None:
+        return None if self.err is None else self.err[6]
+
+    def get_int1(self) -> int | None:
+        return None if self.err is None else self.err[7]
+
+    def get_int2(self) -> int | None:
+        return None if self.err is None else self.err[8]
+
+
+def _api(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn VirtError (and stray OS errors) into libvirtError."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except VirtError as err:
+            raise libvirtError._from(err) from err
+        except OSError as err:
+            raise libvirtError._from(
+                VirtError(ErrorCode.SYSTEM_ERROR, f"{err.strerror or err}", domain=ErrorDomain.NONE)
+            ) from err
+
+    return wrapper
+
+
+def _check_flags(flags: int, allowed: int, api: str) -> None:
+    if flags & ~allowed:
+        raise VirtError(
+            ErrorCode.INVALID_ARG, f"unsupported flags (0x{flags & ~allowed:x}) in function {api}"
+        )
+
+
+@_api
+def open(name: str | None = None) -> virConnect:  # noqa: A001 - libvirt-python's name
+    """Open a connection: ``qemu:///session`` (default) or ``qemu:///embed?root=DIR``."""
+    uri, root = resolve_uri(name)
+    return virConnect(uri, Driver(root))
+
+
+@_api
+def openReadOnly(name: str | None = None) -> virConnect:  # noqa: N802
+    """Same as :func:`open`; virtshift has no separate read-only access yet."""
+    uri, root = resolve_uri(name)
+    return virConnect(uri, Driver(root))
+
+
+def getVersion() -> int:  # noqa: N802
+    """virtshift's version as libvirt encodes it (major*1e6 + minor*1e3 + micro)."""
+    from virtshift import __version__
+
+    major, minor, micro = (int(x) for x in __version__.split(".")[:3])
+    return major * 1_000_000 + minor * 1000 + micro
+
+
+class virConnect:  # noqa: N801
+    """A connection to one driver root."""
+
+    def __init__(self, uri: str, driver: Driver) -> None:
+        self._uri = uri
+        self._driver = driver
+        self._open = True
+
+    # -- connection -----------------------------------------------------------
+
+    def getURI(self) -> str:  # noqa: N802
+        return self._uri
+
+    def getType(self) -> str:  # noqa: N802
+        return "QEMU"
+
+    def getHostname(self) -> str:  # noqa: N802
+        return socket.gethostname()
+
+    def getLibVersion(self) -> int:  # noqa: N802
+        return getVersion()
+
+    @_api
+    def getVersion(self) -> int:  # noqa: N802
+        """QEMU's version, encoded like libvirt (7.2.22 -> 7002022)."""
+        caps = self._driver.probe_emulator(_default_emulator())
+        major, minor, micro = (int(x) for x in caps.version.split("."))
+        return major * 1_000_000 + minor * 1000 + micro
+
+    def isAlive(self) -> int:  # noqa: N802
+        return 1 if self._open else 0
+
+    def close(self) -> int:
+        self._open = False
+        return 0
+
+    def __enter__(self) -> virConnect:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- domains ----------------------------------------------------------------
+
+    @_api
+    def lookupByName(self, name: str) -> virDomain:  # noqa: N802
+        rec = self._driver.record(name)
+        return virDomain(self, rec.name, rec.definition.uuid)
+
+    @_api
+    def lookupByUUIDString(self, uuidstr: str) -> virDomain:  # noqa: N802
+        rec = self._driver.record_by_uuid(uuidstr)
+        return virDomain(self, rec.name, rec.definition.uuid)
+
+    @_api
+    def lookupByUUID(self, uuid: bytes) -> virDomain:  # noqa: N802
+        return self.lookupByUUIDString(str(_uuid.UUID(bytes=bytes(uuid))))
+
+    @_api
+    def defineXML(self, xml: str) -> virDomain:  # noqa: N802
+        dom = self._driver.define(xml)
+        return virDomain(self, dom.name, dom.uuid)
+
+    @_api
+    def defineXMLFlags(self, xml: str, flags: int = 0) -> virDomain:  # noqa: N802
+        _check_flags(flags, VIR_DOMAIN_DEFINE_VALIDATE, "virDomainDefineXMLFlags")
+        return self.defineXML(xml)
+
+    @_api
+    def createXML(self, xmlDesc: str, flags: int = 0) -> virDomain:  # noqa: N802,N803
+        _check_flags(flags, VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_VALIDATE, "virDomainCreateXML")
+        status = self._driver.create_transient(xmlDesc, paused=bool(flags & VIR_DOMAIN_START_PAUSED))
+        return virDomain(self, status.domain.name, status.domain.uuid)
+
+    @_api
+    def listAllDomains(self, flags: int = 0) -> list[virDomain]:  # noqa: N802
+        out: list[virDomain] = []
+        for name in self._driver.names():
+            try:
+                rec = self._driver.record(name)
+            except VirtError:
+                continue
+            if _domain_matches(rec, flags):
+                out.append(virDomain(self, rec.name, rec.definition.uuid))
+        return out
+
+    @_api
+    def listDomainsID(self) -> list[int]:  # noqa: N802
+        ids = []
+        for name in self._driver.names():
+            rec = self._driver.record(name)
+            if rec.status is not None and rec.status.domain.id is not None:
+                ids.append(rec.status.domain.id)
+        return ids
+
+    @_api
+    def listDefinedDomains(self) -> list[str]:  # noqa: N802
+        return [n for n in self._driver.names() if not self._driver.record(n).active]
+
+    @_api
+    def numOfDomains(self) -> int:  # noqa: N802
+        return len(self.listDomainsID())
+
+    @_api
+    def numOfDefinedDomains(self) -> int:  # noqa: N802
+        return len(self.listDefinedDomains())
+
+    @_api
+    def getDomainCapabilities(  # noqa: N802
+        self,
+        emulatorbin: str | None = None,
+        arch: str | None = None,
+        machine: str | None = None,
+        virttype: str | None = None,
+        flags: int = 0,
+    ) -> str:
+        from virtshift.xml.caps import format_domain_caps
+
+        emulator = emulatorbin or _default_emulator()
+        caps = self._driver.probe_emulator(emulator)
+        return format_domain_caps(
+            caps, emulator=emulator, arch=arch or "x86_64", machine=machine, virttype=virttype
+        )
+
+    @_api
+    def getCapabilities(self) -> str:  # noqa: N802
+        from virtshift.xml.caps import format_host_caps
+
+        emulator = _default_emulator()
+        return format_host_caps(self._driver.probe_emulator(emulator), emulator=emulator)
+
+
+def _default_emulator() -> str:
+    import shutil
+
+    from virtshift.runtime.driver import DEFAULT_EMULATOR
+
+    return shutil.which(DEFAULT_EMULATOR) or DEFAULT_EMULATOR
+
+
+def _domain_matches(rec: DomainRecord, flags: int) -> bool:
+    state = rec.status.state if rec.status else DomainState.SHUTOFF
+    groups = [
+        (VIR_CONNECT_LIST_DOMAINS_ACTIVE, rec.active, VIR_CONNECT_LIST_DOMAINS_INACTIVE),
+        (VIR_CONNECT_LIST_DOMAINS_PERSISTENT, rec.persistent, VIR_CONNECT_LIST_DOMAINS_TRANSIENT),
+    ]
+    for yes, value, no in groups:
+        if flags & (yes | no) and not ((flags & yes and value) or (flags & no and not value)):
+            return False
+    state_bits = (
+        VIR_CONNECT_LIST_DOMAINS_RUNNING
+        | VIR_CONNECT_LIST_DOMAINS_PAUSED
+        | VIR_CONNECT_LIST_DOMAINS_SHUTOFF
+        | VIR_CONNECT_LIST_DOMAINS_OTHER
+    )
+    if flags & state_bits:
+        bit = {
+            DomainState.RUNNING: VIR_CONNECT_LIST_DOMAINS_RUNNING,
+            DomainState.PAUSED: VIR_CONNECT_LIST_DOMAINS_PAUSED,
+            DomainState.SHUTOFF: VIR_CONNECT_LIST_DOMAINS_SHUTOFF,
+        }.get(state, VIR_CONNECT_LIST_DOMAINS_OTHER)
+        if not flags & bit:
+            return False
+    return True
+
+
+class virDomain:  # noqa: N801
+    """A domain handle (by name and UUID; state is read fresh on every call)."""
+
+    def __init__(self, conn: virConnect, name: str, uuid: str) -> None:
+        self._conn = conn
+        self._name = name
+        self._uuid = uuid
+
+    @property
+    def _driver(self) -> Driver:
+        return self._conn._driver
+
+    def _record(self) -> DomainRecord:
+        return self._driver.record(self._name)
+
+    def connect(self) -> virConnect:
+        return self._conn
+
+    def name(self) -> str:
+        return self._name
+
+    def UUIDString(self) -> str:  # noqa: N802
+        return self._uuid
+
+    def UUID(self) -> bytes:  # noqa: N802
+        return _uuid.UUID(self._uuid).bytes
+
+    @_api
+    def ID(self) -> int:  # noqa: N802
+        rec = self._record()
+        if rec.status is None or rec.status.domain.id is None:
+            return -1
+        return rec.status.domain.id
+
+    @_api
+    def isActive(self) -> int:  # noqa: N802
+        return 1 if self._record().active else 0
+
+    @_api
+    def isPersistent(self) -> int:  # noqa: N802
+        return 1 if self._record().persistent else 0
+
+    @_api
+    def state(self, flags: int = 0) -> list[int]:
+        rec = self._record()
+        if rec.status is None:
+            return [VIR_DOMAIN_SHUTOFF, VIR_DOMAIN_SHUTOFF_UNKNOWN]
+        st = rec.status
+        return [int(st.state), _STATE_REASON.get((st.state, st.reason), 0)]
+
+    @_api
+    def info(self) -> list[int]:
+        rec = self._record()
+        d = rec.definition
+        state = int(rec.status.state) if rec.status else VIR_DOMAIN_SHUTOFF
+        return [state, d.memory_kib, d.memory_kib if rec.active else 0, d.vcpu, 0]
+
+    @_api
+    def XMLDesc(self, flags: int = 0) -> str:  # noqa: N802
+        from virtshift.xml.domain import format_domain
+
+        _check_flags(
+            flags,
+            VIR_DOMAIN_XML_SECURE | VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_UPDATE_CPU
+            | VIR_DOMAIN_XML_MIGRATABLE,
+            "virDomainGetXMLDesc",
+        )  # fmt: skip
+        rec = self._record()
+        if flags & VIR_DOMAIN_XML_INACTIVE:
+            if rec.config is not None:
+                return format_domain(rec.config, inactive=True)
+            return format_domain(rec.definition, inactive=True)
+        if rec.status is not None:
+            return format_domain(rec.status.domain)
+        return format_domain(rec.definition, inactive=True)
+
+    @_api
+    def create(self) -> int:
+        self._driver.start(self._name)
+        return 0
+
+    @_api
+    def createWithFlags(self, flags: int = 0) -> int:  # noqa: N802
+        _check_flags(
+            flags, VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_VALIDATE, "virDomainCreateWithFlags"
+        )
+        self._driver.start(self._name, paused=bool(flags & VIR_DOMAIN_START_PAUSED))
+        return 0
+
+    @_api
+    def destroy(self) -> int:
+        self._driver.destroy(self._name)
+        return 0
+
+    @_api
+    def destroyFlags(self, flags: int = 0) -> int:  # noqa: N802
+        _check_flags(flags, VIR_DOMAIN_DESTROY_GRACEFUL, "virDomainDestroyFlags")
+        self._driver.destroy(self._name)
+        return 0
+
+    @_api
+    def suspend(self) -> int:
+        self._driver.set_paused(self._name, True)
+        return 0
+
+    @_api
+    def resume(self) -> int:
+        self._driver.set_paused(self._name, False)
+        return 0
+
+    @_api
+    def undefine(self) -> int:
+        self._driver.undefine(self._name)
+        return 0
+
+    @_api
+    def undefineFlags(self, flags: int = 0) -> int:  # noqa: N802
+        _check_flags(
+            flags,
+            VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | VIR_DOMAIN_UNDEFINE_NVRAM | VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+            | VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+            "virDomainUndefineFlags",
+        )  # fmt: skip
+        self._driver.undefine(
+            self._name, snapshots_metadata=bool(flags & VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        )
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, virDomain) and other._uuid == self._uuid
+
+    def __hash__(self) -> int:
+        return hash(self._uuid)
+
+    def __repr__(self) -> str:
+        return f"<virDomain {self._name!r}>"

@@ -1,0 +1,277 @@
+"""A synchronous QMP monitor on top of ``qemu.qmp``'s asyncio client.
+
+``qemu.qmp`` speaks the protocol (greeting, negotiation, ids, events); this
+module gives the rest of virtshift a blocking :class:`Monitor` whose
+``execute`` returns QEMU's ``return`` value or raises :class:`QMPError`, and
+whose events are kept in a queue that callers drain with :meth:`Monitor.events`
+or wait on with :meth:`Monitor.wait_event`.
+
+All monitors of a process share one event loop running in a daemon thread
+(the pattern of ``qemu.qmp.legacy``, but with the loop kept alive so events are
+received while the caller's thread does other work).
+
+What this module does not do: build commands (see :mod:`virtshift.qmp.commands`),
+interpret replies into models, or decide what to do on errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from virtshift.errors import ErrorCode, QMPError, VirtError
+
+__all__ = ["Monitor", "connect_unix"]
+
+_log = logging.getLogger("virtshift.qmp")
+_T = TypeVar("_T")
+
+#: Unix socket paths longer than this do not fit ``sockaddr_un`` (108 bytes).
+_SUN_PATH_MAX = 107
+
+
+class _Loop:
+    """The process-wide event loop thread (started on first use)."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _pid: int = 0
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            # A fork child inherits the object but not the thread: start anew.
+            if cls._loop is None or cls._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="virtshift-qmp", daemon=True
+                )
+                thread.start()
+                cls._loop, cls._pid = loop, os.getpid()
+            return cls._loop
+
+
+def _run(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
+    fut = asyncio.run_coroutine_threadsafe(coro, _Loop.get())
+    try:
+        return fut.result(timeout)
+    except TimeoutError:
+        fut.cancel()
+        raise
+
+
+def connect_unix(path: str) -> socket.socket:
+    """A connected unix stream socket to ``path``, even when the path is long.
+
+    ``sockaddr_un`` holds about 107 bytes; for longer paths connect through
+    ``/proc/self/fd/N/NAME`` with ``N`` an ``O_PATH`` descriptor of the directory.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+            sock.connect(path)
+        else:
+            dirfd = os.open(os.path.dirname(path), os.O_PATH | os.O_CLOEXEC)
+            try:
+                sock.connect(f"/proc/self/fd/{dirfd}/{os.path.basename(path)}")
+            finally:
+                os.close(dirfd)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Monitor:
+    """A connected QMP monitor (blocking API).
+
+    :param path: the monitor's unix socket.
+    :param timeout: seconds to wait for connecting and for each command.
+    """
+
+    def __init__(self, path: str, *, timeout: float = 60.0) -> None:
+        from qemu.qmp import QMPClient  # heavy import, only when QEMU is used
+
+        self.path = path
+        self.timeout = timeout
+        self._client = QMPClient(name=os.path.basename(path))
+        self._events: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._listener_task: asyncio.Future[None] | None = None
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.greeting: dict[str, Any] = {}
+
+    # -- connection -------------------------------------------------------
+
+    def connect(self) -> Monitor:
+        """Connect and negotiate capabilities.
+
+        :raise VirtError: OPERATION_FAILED when the socket cannot be reached.
+        """
+        try:
+            sock = connect_unix(self.path)
+        except OSError as err:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED,
+                f"cannot connect to QEMU monitor '{self.path}': {err.strerror}",
+            ) from err
+        try:
+            _run(self._connect(sock), self.timeout)
+        except Exception as err:
+            sock.close()
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED,
+                f"QEMU monitor '{self.path}' did not answer: {err}",
+            ) from err
+        return self
+
+    async def _connect(self, sock: socket.socket) -> None:
+        await self._client.connect(sock)
+        greeting = self._client.greeting
+        if greeting is not None:
+            self.greeting = dict(greeting._raw)
+        self._listener_task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        from qemu.qmp import EventListener
+
+        listener = EventListener()
+        with self._client.listen(listener):
+            async for event in listener:
+                msg = dict(event)
+                _log.debug("event %s", json.dumps(msg))
+                with self._cond:
+                    self._events.append(msg)
+                    self._cond.notify_all()
+                for cb in list(self._listeners):
+                    try:
+                        cb(msg)
+                    except Exception:  # a callback must not kill the pump
+                        _log.exception("event callback failed")
+
+    def close(self) -> None:
+        """Disconnect (safe to call twice)."""
+        if self._listener_task is not None:
+            task = self._listener_task
+            self._listener_task = None
+            _Loop.get().call_soon_threadsafe(task.cancel)
+        try:
+            _run(self._client.disconnect(), 10.0)
+        except Exception:  # disconnect of a dead peer
+            _log.debug("disconnect failed", exc_info=True)
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful :meth:`connect` and :meth:`close`."""
+        return self._listener_task is not None
+
+    def __enter__(self) -> Monitor:
+        return self if self.connected else self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands ---------------------------------------------------------
+
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run one command and return its ``return`` value.
+
+        :raise QMPError: QEMU answered with an error (``desc`` and ``class`` kept),
+            or the monitor went away.
+        """
+        from qemu.qmp import ExecuteError
+
+        sent = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        _log.debug("send %s", json.dumps(sent))
+        try:
+            reply = _run(
+                self._client.execute(command, arguments), timeout if timeout else self.timeout
+            )
+        except ExecuteError as err:
+            received = dict(err.received)
+            _log.debug("error %s", json.dumps(received))
+            raise QMPError(
+                command,
+                str(err),
+                error_class=err.error_class,
+                sent=sent,
+                received=received,
+            ) from err
+        except TimeoutError as err:
+            raise QMPError(
+                command, "no reply from QEMU in time", sent=sent, code=ErrorCode.OPERATION_TIMEOUT
+            ) from err
+        except Exception as err:
+            raise QMPError(command, f"monitor connection failed: {err}", sent=sent) from err
+        _log.debug("reply %s", json.dumps(reply))
+        return reply
+
+    def execute_raw(self, text: str) -> dict[str, Any]:
+        """Pass a QMP JSON command through; return the whole reply (pass-through API).
+
+        Errors from QEMU come back inside the reply (``{"error": ...}``), as
+        libvirt's ``qemuMonitorCommand`` returns them.
+        """
+        from qemu.qmp import ExecuteError
+        from qemu.qmp.message import Message
+
+        try:
+            msg = Message(text.encode())
+        except Exception as err:
+            raise VirtError(ErrorCode.INVALID_ARG, f"not a QMP JSON object: {text[:80]!r}") from err
+        if "execute" not in msg:
+            raise VirtError(ErrorCode.INVALID_ARG, "QMP command must have an 'execute' member")
+        msg_dict = dict(msg)
+        msg_dict.pop("id", None)
+        try:
+            ret = _run(self._client.execute_msg(Message(msg_dict)), self.timeout)
+        except ExecuteError as err:
+            reply = dict(err.received)
+            reply.pop("id", None)
+            return reply
+        except Exception as err:
+            raise QMPError(str(msg_dict["execute"]), f"monitor connection failed: {err}") from err
+        return {"return": ret}
+
+    # -- events -----------------------------------------------------------
+
+    def add_listener(self, cb: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``cb(event)`` from the loop thread for every event received."""
+        self._listeners.append(cb)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Take every queued event."""
+        with self._cond:
+            out = list(self._events)
+            self._events.clear()
+            return out
+
+    def wait_event(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any] | None:
+        """Remove and return the first queued event for which ``match`` is true.
+
+        Waits up to ``timeout`` seconds; returns None on time-out.  Events that do
+        not match stay queued.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self._events:
+                    if match(ev):
+                        self._events.remove(ev)
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)

@@ -1,0 +1,676 @@
+"""The embedded QEMU driver: domains, their files, their QEMU processes.
+
+One :class:`Driver` per root directory (``qemu:///embed?root=DIR`` or the
+per-user session root).  Layout under the root, after libvirt's embedded
+driver::
+
+    etc/qemu/NAME.xml                 persistent definition (inactive XML)
+    run/qemu/NAME.xml                 status of a running domain (see xml/status.py)
+    run/qemu/domain-NAME/             QEMU's working directory: monitor.sock,
+                                      query.sock, guest agent socket
+    run/lock/NAME.lock                per-domain lock (flock), run/lock/driver.lock
+    log/qemu/NAME.log                 QEMU's stdout/stderr, appended per start
+    lib/qemu/snapshot/NAME/           snapshot metadata (later)
+
+Rules kept here:
+
+* every change to a domain happens under its lock, across processes; reads of
+  the definition or status take no lock and see whole files (atomic writes);
+* QEMU runs in its own session and outlives the process that started it; a
+  later process finds it through the status file, and signals it only after
+  checking that pid's command line names this domain (pid reuse is not ours);
+* every image is opened with an explicit format and an explicit backing chain.
+
+What this module does not do: XML text (``xml/``), QMP wire details
+(``qmp/``), command-line planning (``ops/start.py``), the libvirt-python shapes
+(``libvirt.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from virtshift.errors import ErrorCode, NoDomain, VirtError
+from virtshift.model.domain import Disk, Domain, StorageSource
+from virtshift.model.status import DomainState, DomainStatus, QemuCaps
+from virtshift.ops.start import AGENT_PORT, chain_from_image_info, plan_start
+from virtshift.qmp.client import Monitor
+from virtshift.qmp.models import caps_from_replies, parse_query_block
+from virtshift.store.files import FileLock, ensure_dir, remove_quietly, write_atomic
+from virtshift.xml.domain import format_domain, parse_domain
+from virtshift.xml.status import format_status, parse_status
+
+__all__ = ["DEFAULT_EMULATOR", "Driver", "DomainRecord"]
+
+_log = logging.getLogger("virtshift.driver")
+
+DEFAULT_EMULATOR = "qemu-system-x86_64"
+#: Seconds to wait for a new QEMU's monitor.
+START_TIMEOUT = 30.0
+
+
+def _lock_timeout() -> float:
+    try:
+        return float(os.environ.get("VIRTSHIFT_LOCK_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DomainRecord:
+    """What the driver knows of one domain at one moment."""
+
+    name: str
+    #: The persistent definition, or None for a transient domain.
+    config: Domain | None
+    #: The status of the running QEMU, or None when shut off.
+    status: DomainStatus | None
+
+    @property
+    def active(self) -> bool:
+        return self.status is not None
+
+    @property
+    def persistent(self) -> bool:
+        return self.config is not None
+
+    @property
+    def definition(self) -> Domain:
+        """The live definition when running, else the persistent one."""
+        if self.status is not None:
+            return self.status.domain
+        assert self.config is not None
+        return self.config
+
+
+class Driver:
+    """All domains under one root directory.
+
+    :param root: the driver's root (created 0700 when missing).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        ensure_dir(self.root)
+        os.chmod(self.root, 0o700)
+        self.config_dir = ensure_dir(self.root / "etc" / "qemu")
+        self.run_dir = ensure_dir(self.root / "run" / "qemu")
+        self.lock_dir = ensure_dir(self.root / "run" / "lock")
+        self.log_dir = ensure_dir(self.root / "log" / "qemu")
+        self.lib_dir = ensure_dir(self.root / "lib" / "qemu")
+
+    # -- paths --------------------------------------------------------------
+
+    def config_path(self, name: str) -> Path:
+        return self.config_dir / f"{name}.xml"
+
+    def status_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.xml"
+
+    def domain_run_dir(self, name: str) -> Path:
+        return self.run_dir / f"domain-{name}"
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def snapshot_dir(self, name: str) -> Path:
+        return self.lib_dir / "snapshot" / name
+
+    def lock(self, name: str) -> FileLock:
+        """The per-domain lock (not yet taken)."""
+        return FileLock(
+            self.lock_dir / f"{name}.lock", what=f"domain '{name}'", timeout=_lock_timeout()
+        )
+
+    def _driver_lock(self) -> FileLock:
+        return FileLock(self.lock_dir / "driver.lock", what="the driver", timeout=_lock_timeout())
+
+    # -- reading --------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Names of every domain: persistent ones and running transient ones."""
+        names = {p.stem for p in self.config_dir.glob("*.xml") if not p.name.startswith(".")}
+        names |= {p.stem for p in self.run_dir.glob("*.xml") if not p.name.startswith(".")}
+        return sorted(n for n in names if self._exists(n))
+
+    def _exists(self, name: str) -> bool:
+        return self.config_path(name).exists() or self._read_status(name) is not None
+
+    def _read_config(self, name: str) -> Domain | None:
+        try:
+            text = self.config_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        return parse_domain(text)
+
+    def _read_status(self, name: str) -> DomainStatus | None:
+        """The status if its QEMU is still the one recorded and alive."""
+        try:
+            text = self.status_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        status = parse_status(text)
+        if not _qemu_alive(status):
+            return None
+        return status
+
+    def record(self, name: str) -> DomainRecord:
+        """The domain named ``name``.
+
+        :raise NoDomain: no persistent or running domain has that name.
+        """
+        _check_name(name)
+        config = self._read_config(name)
+        status = self._read_status(name)
+        if config is None and status is None:
+            raise NoDomain(name)
+        return DomainRecord(name=name, config=config, status=status)
+
+    def record_by_uuid(self, uuid: str) -> DomainRecord:
+        """The domain with this UUID (case-insensitive)."""
+        for name in self.names():
+            rec = self.record(name)
+            if rec.definition.uuid.lower() == uuid.lower():
+                return rec
+        raise VirtError(ErrorCode.NO_DOMAIN, f"no domain with matching uuid '{uuid}'")
+
+    @contextlib.contextmanager
+    def locked(self, name: str, operation: str) -> Iterator[DomainRecord]:
+        """Hold the domain's lock; yield a fresh record read under it.
+
+        Cleans up after a QEMU that died while nobody watched (stale status).
+        """
+        _check_name(name)
+        lock = self.lock(name)
+        with lock.hold(operation):
+            self._reap_stale(name)
+            yield self.record(name)
+
+    def _reap_stale(self, name: str) -> None:
+        path = self.status_path(name)
+        if path.exists() and self._read_status(name) is None:
+            _log.info("domain '%s': QEMU is gone, clearing its status", name)
+            self._clear_runtime(name)
+
+    # -- definition -----------------------------------------------------------
+
+    def define(self, xml: str | bytes) -> Domain:
+        """Define (or redefine) a persistent domain.
+
+        :raise VirtError: XML errors; OPERATION_FAILED when another domain has the
+            same name with a different UUID, or the same UUID under another name.
+        """
+        dom = parse_domain(xml)
+        with self._driver_lock().hold(f"define {dom.name}"):
+            self._check_identity(dom)
+            with self.lock(dom.name).hold("define"):
+                write_atomic(self.config_path(dom.name), format_domain(dom, inactive=True))
+                status = self._read_status(dom.name)
+                if status is not None and not status.persistent:
+                    self._write_status(dom.name, dataclasses.replace(status, persistent=True))
+        return dom
+
+    def _check_identity(self, dom: Domain) -> None:
+        for other in self.names():
+            rec = self.record(other)
+            uuid = rec.definition.uuid
+            if other == dom.name and uuid.lower() != dom.uuid.lower():
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"domain '{dom.name}' already exists with uuid {uuid}",
+                )
+            if other != dom.name and uuid.lower() == dom.uuid.lower():
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"domain '{other}' is already defined with uuid {uuid}",
+                )
+
+    def undefine(self, name: str, *, snapshots_metadata: bool = False) -> None:
+        """Remove the persistent definition; a running domain becomes transient.
+
+        :raise VirtError: NO_DOMAIN; OPERATION_INVALID for a transient domain or
+            when snapshot metadata exists and ``snapshots_metadata`` is False.
+        """
+        with self.locked(name, "undefine") as rec:
+            if rec.config is None:
+                raise VirtError(ErrorCode.OPERATION_INVALID, "cannot undefine transient domain")
+            snapdir = self.snapshot_dir(name)
+            snaps = [p for p in snapdir.glob("*.xml")] if snapdir.exists() else []
+            if snaps and not snapshots_metadata and not rec.active:
+                raise VirtError(
+                    ErrorCode.OPERATION_INVALID,
+                    f"cannot delete inactive domain with {len(snaps)} snapshots",
+                )
+            remove_quietly(self.config_path(name))
+            if rec.status is not None:
+                self._write_status(name, dataclasses.replace(rec.status, persistent=False))
+            elif snapdir.exists():
+                shutil.rmtree(snapdir, ignore_errors=True)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, name: str, *, paused: bool = False) -> DomainStatus:
+        """Start a defined domain.
+
+        :raise VirtError: OPERATION_INVALID when it is running already; what
+            :meth:`_launch` raises.
+        """
+        with self.locked(name, "start") as rec:
+            if rec.active:
+                raise VirtError(ErrorCode.OPERATION_INVALID, "domain is already running")
+            assert rec.config is not None
+            return self._launch(rec.config, persistent=True, paused=paused)
+
+    def create_transient(self, xml: str | bytes, *, paused: bool = False) -> DomainStatus:
+        """Start a domain from XML without defining it (``createXML``)."""
+        dom = parse_domain(xml)
+        with self._driver_lock().hold(f"create {dom.name}"):
+            self._check_identity(dom)
+            with self.locked_new(dom.name, "create") as existing:
+                if existing is not None and existing.active:
+                    raise VirtError(
+                        ErrorCode.OPERATION_INVALID, f"domain '{dom.name}' is already running"
+                    )
+                if existing is not None and existing.config is not None:
+                    raise VirtError(
+                        ErrorCode.OPERATION_FAILED,
+                        f"domain '{dom.name}' is already defined; start it instead",
+                    )
+                return self._launch(dom, persistent=False, paused=paused)
+
+    @contextlib.contextmanager
+    def locked_new(self, name: str, operation: str) -> Iterator[DomainRecord | None]:
+        """Like :meth:`locked`, but yields None when no such domain exists."""
+        with self.lock(name).hold(operation):
+            self._reap_stale(name)
+            rec: DomainRecord | None
+            try:
+                rec = self.record(name)
+            except NoDomain:
+                rec = None
+            yield rec
+
+    def _resolve_chains(self, dom: Domain) -> Domain:
+        """Fill every disk's backing chain from its images; check they exist."""
+        disks: list[Disk] = []
+        for disk in dom.disks:
+            if disk.type == "network" or disk.source.type == "network":
+                raise VirtError(
+                    ErrorCode.CONFIG_UNSUPPORTED,
+                    f"network disk '{disk.target}' is not supported by virtshift; "
+                    "only file and block disks can be started",
+                )
+            src = disk.source
+            if src.path is None:
+                raise VirtError(
+                    ErrorCode.CONFIG_UNSUPPORTED, f"disk '{disk.target}' has no source"
+                )
+            if src.format is None:  # libvirt's default when no format is given
+                src = dataclasses.replace(src, format="raw")
+            for layer in src.chain():
+                if layer.path is not None and not os.path.exists(layer.path):
+                    raise VirtError(
+                        ErrorCode.SYSTEM_ERROR,
+                        f"Cannot access storage file '{layer.path}' of disk '{disk.target}': "
+                        "No such file or directory",
+                    )
+            if src.backing is None and not src.backing_end:
+                infos = _image_info_chain(src, disk.target)
+                src = chain_from_image_info(src, infos, disk=disk.target)
+            disks.append(dataclasses.replace(disk, source=src))
+        return dataclasses.replace(dom, disks=tuple(disks))
+
+    def _launch(self, config: Domain, *, persistent: bool, paused: bool) -> DomainStatus:
+        name = config.name
+        dom = self._resolve_chains(config)
+        emulator = dom.emulator or shutil.which(DEFAULT_EMULATOR) or DEFAULT_EMULATOR
+        if dom.arch and dom.arch != "x86_64" and not dom.emulator:
+            emulator = f"qemu-system-{dom.arch}"
+        accel = "tcg"
+        if dom.type == "kvm":
+            if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+                raise VirtError(
+                    ErrorCode.CONFIG_UNSUPPORTED,
+                    "Domain requires KVM, but it is not available. Check that "
+                    "virtualization is enabled in the host BIOS, and host configuration "
+                    "is setup to load the kvm modules.",
+                )
+            accel = "kvm"
+        rundir = self.domain_run_dir(name)
+        if rundir.exists():
+            shutil.rmtree(rundir, ignore_errors=True)
+        ensure_dir(rundir)
+        monitor = str(rundir / "monitor.sock")
+        query = str(rundir / "query.sock")
+        plan = plan_start(
+            dom,
+            emulator=emulator,
+            monitor=monitor,
+            query_monitor=query,
+            agent_socket=str(rundir / AGENT_PORT),
+            accel=accel,
+            rundir=str(rundir),
+        )
+        log = self.log_path(name)
+        dom_id = self._next_id()
+        live = dataclasses.replace(plan.domain, id=dom_id)
+        with open(log, "ab", buffering=0) as logf:
+            os.chmod(log, 0o600)
+            logf.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} starting: {plan.argv!r}\n".encode())
+            try:
+                proc = subprocess.Popen(
+                    plan.argv,
+                    cwd=rundir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as err:
+                shutil.rmtree(rundir, ignore_errors=True)
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED, f"cannot run emulator '{emulator}': {err.strerror}"
+                ) from err
+        _CHILDREN[proc.pid] = proc
+        status = DomainStatus(
+            state=DomainState.PAUSED if paused else DomainState.RUNNING,
+            reason="user" if paused else "booted",
+            pid=proc.pid,
+            monitor=monitor,
+            query_monitor=query,
+            log=str(log),
+            rundir=str(rundir),
+            persistent=persistent,
+            next_index=plan.next_index,
+            domain=live,
+        )
+        try:
+            mon = self._wait_monitor(proc, monitor, log)
+            try:
+                caps = caps_from_replies(mon.execute("query-version"), mon.execute("query-commands"))
+                live = _check_chains(live, mon.execute("query-block"))
+                if not paused:
+                    mon.execute("cont")
+            finally:
+                mon.close()
+            status = dataclasses.replace(status, caps=caps, domain=live)
+            self._write_status(name, status)
+        except BaseException:
+            _kill(proc.pid)
+            self._clear_runtime(name)
+            raise
+        return status
+
+    def _wait_monitor(self, proc: subprocess.Popen[bytes], monitor: str, log: Path) -> Monitor:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    "QEMU exited while starting: " + _log_tail(log),
+                )
+            if os.path.exists(monitor):
+                try:
+                    return Monitor(monitor).connect()
+                except VirtError:
+                    if time.monotonic() > deadline:
+                        raise
+            if time.monotonic() > deadline:
+                raise VirtError(
+                    ErrorCode.OPERATION_TIMEOUT, "QEMU did not open its monitor: " + _log_tail(log)
+                )
+            time.sleep(0.01)
+
+    def _next_id(self) -> int:
+        path = self.run_dir / "next-id"
+        idlock = FileLock(self.lock_dir / "id.lock", what="domain ids", timeout=_lock_timeout())
+        with idlock.hold("allocate id"):
+            try:
+                n = int(path.read_text().strip() or "1")
+            except (FileNotFoundError, ValueError):
+                n = 1
+            write_atomic(path, f"{n + 1}\n")
+        return n
+
+    def destroy(self, name: str) -> None:
+        """Stop the domain's QEMU at once (SIGTERM, then SIGKILL).
+
+        :raise VirtError: OPERATION_INVALID when it is not running.
+        """
+        with self.locked(name, "destroy") as rec:
+            if rec.status is None:
+                raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
+            _kill(rec.status.pid)
+            self._clear_runtime(name)
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        """``suspend`` (QMP ``stop``) or ``resume`` (``cont``)."""
+        with self.locked(name, "suspend" if paused else "resume") as rec:
+            if rec.status is None:
+                raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
+            with Monitor(rec.status.monitor).connect() as mon:
+                mon.execute("stop" if paused else "cont")
+            new = dataclasses.replace(
+                rec.status,
+                state=DomainState.PAUSED if paused else DomainState.RUNNING,
+                reason="user" if paused else "unpaused",
+            )
+            self._write_status(name, new)
+
+    def _write_status(self, name: str, status: DomainStatus) -> None:
+        write_atomic(self.status_path(name), format_status(status))
+
+    def _clear_runtime(self, name: str) -> None:
+        remove_quietly(self.status_path(name))
+        shutil.rmtree(self.domain_run_dir(name), ignore_errors=True)
+
+    # -- monitors ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def monitor(self, name: str, operation: str) -> Iterator[tuple[DomainRecord, Monitor]]:
+        """Hold the domain lock and its main monitor for one operation."""
+        with self.locked(name, operation) as rec:
+            if rec.status is None:
+                raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
+            with Monitor(rec.status.monitor).connect() as mon:
+                yield rec, mon
+
+    @contextlib.contextmanager
+    def query_monitor(self, name: str) -> Iterator[tuple[DomainRecord, Monitor]]:
+        """The second monitor, for read-only queries; needs no domain lock."""
+        rec = self.record(name)
+        if rec.status is None:
+            raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
+        qlock = FileLock(
+            self.lock_dir / f"{name}.query.lock", what=f"query monitor of '{name}'", timeout=30
+        )
+        with qlock.hold("query"), Monitor(rec.status.query_monitor).connect() as mon:
+            yield rec, mon
+
+    def caps_for(self, name: str) -> QemuCaps:
+        """Capabilities of the QEMU running ``name``, or of its emulator binary."""
+        rec = self.record(name)
+        if rec.status is not None:
+            return rec.status.caps
+        emulator = rec.definition.emulator or shutil.which(DEFAULT_EMULATOR) or DEFAULT_EMULATOR
+        return self.probe_emulator(emulator)
+
+    def probe_emulator(self, emulator: str) -> QemuCaps:
+        """Capabilities of an emulator binary, cached by path, size and mtime."""
+        cache = ensure_dir(self.root / "cache" / "qemu")
+        try:
+            st = os.stat(shutil.which(emulator) or emulator)
+        except OSError as err:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED, f"cannot find emulator '{emulator}': {err.strerror}"
+            ) from err
+        key = f"{os.path.basename(emulator)}-{st.st_size}-{int(st.st_mtime)}.json"
+        path = cache / key
+        try:
+            data = json.loads(path.read_text())
+            return QemuCaps(
+                version=data["version"], package=data["package"], commands=frozenset(data["commands"])
+            )
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        caps = _probe_binary(emulator, cache)
+        write_atomic(
+            path,
+            json.dumps(
+                {"version": caps.version, "package": caps.package, "commands": sorted(caps.commands)}
+            ),
+        )
+        return caps
+
+
+# -- helpers ------------------------------------------------------------------
+
+#: QEMU children started by this process, so they are reaped when they exit.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 200:
+        raise VirtError(ErrorCode.INVALID_ARG, f"invalid domain name '{name}'")
+
+
+def _pid_alive(pid: int) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        del _CHILDREN[pid]
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # state is the field after the parenthesised command name
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _qemu_alive(status: DomainStatus) -> bool:
+    """True when ``status.pid`` is alive and is the QEMU of that domain."""
+    if status.pid <= 0 or not _pid_alive(status.pid):
+        return False
+    argv = _cmdline(status.pid)
+    want = f"guest={status.domain.name},debug-threads=on"
+    return want in argv and status.domain.uuid in argv
+
+
+def _kill(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM, wait, SIGKILL; returns once the process is gone."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                _CHILDREN.pop(pid, None)
+                return
+            time.sleep(0.01)
+    _pid_alive(pid)
+
+
+def _log_tail(log: Path, limit: int = 2000) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    lines = [ln for ln in text.splitlines() if ln and " starting: [" not in ln]
+    return "\n".join(lines[-5:])[-limit:] or "(no output)"
+
+
+def _image_info_chain(src: StorageSource, disk: str) -> list[dict[str, Any]]:
+    assert src.path is not None and src.format is not None
+    argv = [
+        "qemu-img", "info", "--output=json", "--backing-chain", "-f", src.format, src.path,
+    ]  # fmt: skip
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise VirtError(ErrorCode.OPERATION_FAILED, f"cannot run qemu-img: {err}") from err
+    if res.returncode != 0:
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED,
+            f"cannot read image '{src.path}' of disk '{disk}': {res.stderr.strip()}",
+        )
+    data = json.loads(res.stdout)
+    return data if isinstance(data, list) else [data]
+
+
+def _check_chains(live: Domain, reply: Any) -> Domain:
+    """Compare QEMU's view of each disk's chain with ours; QEMU's wins on paths."""
+    devices = {d.alias: d for d in parse_query_block(reply)}
+    for disk in live.disks:
+        dev = devices.get(disk.alias)
+        layers = disk.source.chain()
+        if dev is None or dev.node_name != disk.source.node_name or len(dev.chain) != len(layers):
+            raise VirtError(
+                ErrorCode.INTERNAL_ERROR,
+                f"QEMU's block graph for disk '{disk.target}' does not match the definition",
+            )
+    return live
+
+
+def _probe_binary(emulator: str, workdir: Path) -> QemuCaps:
+    """Start ``emulator`` with no machine, ask for its version and commands."""
+    sock = workdir / f"probe-{os.getpid()}.sock"
+    remove_quietly(sock)
+    argv = [
+        emulator, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+        "-S", "-chardev", f"socket,id=m,path={sock.name},server=on,wait=off",
+        "-mon", "chardev=m,mode=control",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"cannot run emulator '{emulator}': {err.strerror}"
+        ) from err
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err_text = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED, f"cannot probe '{emulator}': {err_text.strip()}"
+                )
+            time.sleep(0.01)
+        with Monitor(str(sock)).connect() as mon:
+            return caps_from_replies(mon.execute("query-version"), mon.execute("query-commands"))
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        remove_quietly(sock)

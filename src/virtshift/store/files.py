@@ -1,0 +1,158 @@
+"""Atomic state files and cross-process locks.
+
+* :func:`write_atomic` writes a file so that a reader sees the old content or the
+  new one, never a torn mix, even across a crash: temporary file in the same
+  directory, ``fsync``, ``rename``, ``fsync`` of the directory.
+* :class:`FileLock` is an ``flock`` on a lock file, with a timeout.  The holder
+  writes its pid and the operation into the lock file, so a waiter that gives
+  up can say who holds the lock.  ``flock`` locks die with their process, so a
+  crashed holder never leaves a stale lock behind.
+
+Everything virtshift writes is private to its owner (directories 0700, files
+0600).  This module knows nothing of domains or XML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from virtshift.errors import ErrorCode, VirtError
+
+__all__ = ["FileLock", "ensure_dir", "remove_quietly", "write_atomic"]
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) private to the owner; return it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (mode 0600).
+
+    :raise VirtError: OPERATION_FAILED when the file cannot be written; the old
+        content is then still in place.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(raw)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as err:
+        remove_quietly(tmp)
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"cannot write state file '{path}': {err.strerror}"
+        ) from err
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``path``, taken with a timeout.
+
+    :param path: the lock file (created if missing).
+    :param what: what the lock protects, for messages ("domain 'vm1'").
+    :param timeout: seconds to wait; 0 means try once.
+    """
+
+    def __init__(self, path: Path, *, what: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.what = what
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    def acquire(self, operation: str = "") -> None:
+        """Take the lock, or raise.
+
+        :raise VirtError: OPERATION_TIMEOUT when another process keeps it longer
+            than the timeout; the message names that process and its operation.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise VirtError(
+                        ErrorCode.OPERATION_TIMEOUT,
+                        f"cannot acquire state change lock for {self.what}"
+                        + (f" (held by {holder})" if holder else ""),
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} operation {operation or '?'}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock back (safe to call twice)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @contextlib.contextmanager
+    def hold(self, operation: str) -> Iterator[None]:
+        """Context manager: hold the lock for ``operation``."""
+        self.acquire(operation)
+        try:
+            yield
+        finally:
+            self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""

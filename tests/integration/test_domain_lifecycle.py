@@ -1,0 +1,193 @@
+"""Domains on real QEMU: define, start, live XML, reconnect, HMP writes, destroy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+import virtshift.libvirt as libvirt
+import virtshift.libvirt_qemu as libvirt_qemu
+
+from .conftest import domain_xml, make_image, qemu_io_read
+
+HMP_WRITE = 'qemu-io -d /machine/peripheral/{dev}/virtio-backend "write -P 0x{pat:x} {off} {len}"'
+
+
+@pytest.fixture
+def two_disks(images: Path) -> tuple[Path, Path, Path]:
+    base = make_image(images / "base.qcow2")
+    top = make_image(images / "top.qcow2", backing=base)
+    data = make_image(images / "data.raw", fmt="raw", size="8M")
+    return base, top, data
+
+
+def test_define_start_live_xml_destroy(conn, two_disks, root: Path) -> None:
+    base, top, data = two_disks
+    xml = domain_xml("vm1", [("vda", top, "qcow2"), ("vdb", data, "raw")], agent=True)
+    dom = conn.defineXML(xml)
+    assert dom.name() == "vm1"
+    assert len(dom.UUIDString()) == 36
+    assert dom.isActive() == 0
+    assert dom.isPersistent() == 1
+    assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, 0]
+    assert (root / "etc" / "qemu" / "vm1.xml").exists()
+
+    dom.create()
+    assert dom.isActive() == 1
+    assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED]
+    assert dom.ID() >= 1
+
+    live = etree.fromstring(dom.XMLDesc(0).encode())
+    assert live.get("id") == str(dom.ID())
+    vda, vdb = live.findall("devices/disk")
+    assert vda.find("alias").get("name") == "virtio-disk0"
+    assert vdb.find("alias").get("name") == "virtio-disk1"
+    # the chain, read from the images and checked against QEMU's graph
+    assert vda.find("source").get("file") == str(top)
+    top_index = int(vda.find("source").get("index"))
+    bs = vda.find("backingStore")
+    assert bs.find("source").get("file") == str(base)
+    assert bs.find("format").get("type") == "qcow2"
+    assert int(bs.get("index")) < top_index
+    assert bs.find("backingStore") is not None and len(bs.find("backingStore")) == 0
+    chan = live.find("devices/channel")
+    assert chan.find("source").get("path").endswith("org.qemu.guest_agent.0")
+
+    inactive = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    assert inactive.get("id") is None
+    assert inactive.find("devices/disk/alias") is None
+    assert inactive.find("devices/disk/backingStore") is None
+
+    # QEMU really has the nodes named as the live XML says
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-block"}', 0))
+    nodes = {b["qdev"]: b["inserted"]["node-name"] for b in reply["return"]}
+    assert nodes["/machine/peripheral/virtio-disk0/virtio-backend"] == f"libvirt-{top_index}-format"
+
+    names = [d.name() for d in conn.listAllDomains(0)]
+    assert names == ["vm1"]
+    dom.destroy()
+    assert dom.isActive() == 0
+    assert not (root / "run" / "qemu" / "vm1.xml").exists()
+    dom.undefine()
+    with pytest.raises(libvirt.libvirtError) as exc:
+        conn.lookupByName("vm1")
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    assert str(exc.value) == "Domain not found: no domain with matching name 'vm1'"
+
+
+def test_hmp_write_then_offline_read(conn, two_disks) -> None:
+    _base, top, data = two_disks
+    dom = conn.createXML(domain_xml("w", [("vda", top, "qcow2"), ("vdb", data, "raw")]), 0)
+    assert dom.isPersistent() == 0
+    libvirt_qemu.qemuMonitorCommand(
+        dom, HMP_WRITE.format(dev="virtio-disk0", pat=0xAB, off=0, len="1M"), 1
+    )
+    libvirt_qemu.qemuMonitorCommand(
+        dom, HMP_WRITE.format(dev="virtio-disk1", pat=0xCD, off=1048576, len="64k"), 1
+    )
+    dom.destroy()
+    # transient: gone once destroyed
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName("w")
+    assert qemu_io_read(top, "qcow2", 0xAB, 0, "1M")
+    assert not qemu_io_read(top, "qcow2", 0xCD, 0, "1M")
+    assert qemu_io_read(data, "raw", 0xCD, 1048576, "64k")
+
+
+def test_reconnect_from_second_process(conn, two_disks, uri: str) -> None:
+    _base, top, _data = two_disks
+    dom = conn.defineXML(domain_xml("rc", [("vda", top, "qcow2")]))
+    dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    script = textwrap.dedent(f"""
+        import json, sys
+        import virtshift.libvirt as libvirt
+        import virtshift.libvirt_qemu as lq
+        conn = libvirt.open({uri!r})
+        dom = conn.lookupByName("rc")
+        out = {{"active": dom.isActive(), "state": dom.state()}}
+        out["status"] = json.loads(lq.qemuMonitorCommand(dom, '{{"execute":"query-status"}}', 0))
+        dom.resume()
+        out["after"] = dom.state()
+        print(json.dumps(out))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["active"] == 1
+    assert out["state"][0] == libvirt.VIR_DOMAIN_PAUSED
+    assert out["status"]["return"]["status"] == "prelaunch"
+    assert out["after"][0] == libvirt.VIR_DOMAIN_RUNNING
+    # and this process sees the change made by the other one
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    dom.destroy()
+
+
+def test_qemu_outlives_the_starting_process(two_disks, uri: str, root: Path) -> None:
+    _base, top, _data = two_disks
+    xml_file = root.parent / "vm.xml"
+    xml_file.write_text(domain_xml("solo", [("vda", top, "qcow2")]))
+    cli = [sys.executable, "-m", "virtshift", "-c", uri]
+    assert subprocess.run([*cli, "define", str(xml_file)], capture_output=True).returncode == 0
+    res = subprocess.run([*cli, "start", "solo"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "Domain 'solo' started" in res.stdout
+    # the CLI process is gone; its QEMU is not
+    conn = libvirt.open(uri)
+    dom = conn.lookupByName("solo")
+    assert dom.isActive() == 1
+    status = (root / "run" / "qemu" / "solo.xml").read_text()
+    pid = int(etree.fromstring(status.encode()).get("pid"))
+    assert os.path.exists(f"/proc/{pid}")
+    res = subprocess.run([*cli, "destroy", "solo"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert dom.isActive() == 0
+
+
+def test_capability_probe(conn, two_disks, root: Path) -> None:
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("caps", [("vda", top, "qcow2")]), 0)
+    caps = etree.fromstring(
+        (root / "run" / "qemu" / "caps.xml").read_bytes()
+    ).find("qemu")
+    commands = {c.get("name") for c in caps.findall("command")}
+    assert {"transaction", "blockdev-snapshot-sync", "drive-mirror", "block-job-complete"} <= commands
+    assert caps.get("version", "").startswith(("7.", "8.", "9.", "10."))
+    dc = etree.fromstring(conn.getDomainCapabilities().encode())
+    tx = dc.find("qemu/command[@name='transaction']")
+    assert tx is not None and tx.get("supported") == "yes"
+    dom.destroy()
+
+
+def test_suspend_resume(conn, two_disks) -> None:
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("sr", [("vda", top, "qcow2")]), 0)
+    dom.suspend()
+    assert dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER]
+    dom.resume()
+    assert dom.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED]
+    dom.destroy()
+
+
+def test_qemu_dies_behind_our_back(conn, two_disks, root: Path) -> None:
+    _base, top, _data = two_disks
+    dom = conn.defineXML(domain_xml("crash", [("vda", top, "qcow2")]))
+    dom.create()
+    pid = int(etree.fromstring((root / "run/qemu/crash.xml").read_bytes()).get("pid"))
+    os.kill(pid, 9)
+    import time
+
+    deadline = time.monotonic() + 10
+    while dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dom.isActive() == 0
+    dom.create()  # the stale status does not block a new start
+    assert dom.isActive() == 1
+    dom.destroy()
