@@ -852,6 +852,11 @@ _HOSTILE: list[tuple[str, str | bytes, str]] = [
         "invalid disk source index 'one'",
     ),
     (
+        "huge-index",
+        _with_devices(f"<disk type='file'><source file='/a' index='{'9' * 5000}'/></disk>"),
+        "disk source index '999999999999999999999999...' is too large",
+    ),
+    (
         "duplicate-target",
         _with_devices(
             "<disk type='file'><source file='/a.img'/><target dev='vda'/></disk>"

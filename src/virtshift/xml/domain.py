@@ -100,6 +100,8 @@ _DEFAULT_OS_TYPE: Final = "hvm"
 _DIGITS_RE: Final = re.compile(r"\s*[0-9]+\s*")
 _UNIT_POWERS: Final = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
 _MAX_BYTES: Final = 2**64 - 1
+#: Longest accepted decimal number (2**64 has 20 digits).
+_MAX_DIGITS: Final = 20
 
 _IdentityT = tuple[str | None, str | None, str | None]
 
@@ -122,6 +124,8 @@ def _uint(text: str | None, what: str) -> int | None:
         return None
     if not _DIGITS_RE.fullmatch(text):
         raise _xml_error(f"invalid {what} '{_show(text)}'")
+    if len(text.strip()) > _MAX_DIGITS:
+        raise _xml_error(f"{what} '{_show(text.strip()[:24])}...' is too large")
     return int(text)
 
 
@@ -599,7 +603,11 @@ def _templates(
 
 def _apply_index(el: etree._Element, index: int | None, *, inactive: bool) -> None:
     current = el.get("index")
-    current_value = int(current) if current is not None and current.isdigit() else None
+    current_value = (
+        int(current)
+        if current is not None and _DIGITS_RE.fullmatch(current) and len(current) <= _MAX_DIGITS
+        else None
+    )
     if inactive:
         # Keep only an index the parsed document already had for this image.
         if current is not None and current_value != index:
@@ -638,7 +646,9 @@ def _source_element(
     index_here: bool,
     inactive: bool,
 ) -> etree._Element | None:
-    if template is None and not _has_source_data(layer) and not (index_here and layer.index):
+    # Without a template or a path there is nothing to write but a live index.
+    live_index = index_here and not inactive and layer.index is not None
+    if template is None and not _has_source_data(layer) and not live_index:
         return None
     src = copy.deepcopy(template) if template is not None else etree.Element("source")
     _apply_source_attrs(src, layer)
