@@ -167,7 +167,7 @@ _STATE_REASON: dict[tuple[DomainState, str], int] = {
 }
 
 
-class libvirtError(Exception):  # noqa: N801 - libvirt-python's name
+class libvirtError(Exception):
     """libvirt-python's exception, with the same accessors.
 
     ``err`` is libvirt's 9-tuple ``(code, domain, message, level, str1, str2,
@@ -239,20 +239,20 @@ def _check_flags(flags: int, allowed: int, api: str) -> None:
 
 
 @_api
-def open(name: str | None = None) -> virConnect:  # noqa: A001 - libvirt-python's name
+def open(name: str | None = None) -> virConnect:
     """Open a connection: ``qemu:///session`` (default) or ``qemu:///embed?root=DIR``."""
     uri, root = resolve_uri(name)
     return virConnect(uri, Driver(root))
 
 
 @_api
-def openReadOnly(name: str | None = None) -> virConnect:  # noqa: N802
+def openReadOnly(name: str | None = None) -> virConnect:
     """Same as :func:`open`; virtshift has no separate read-only access yet."""
     uri, root = resolve_uri(name)
     return virConnect(uri, Driver(root))
 
 
-def getVersion() -> int:  # noqa: N802
+def getVersion() -> int:
     """virtshift's version as libvirt encodes it (major*1e6 + minor*1e3 + micro)."""
     from virtshift import __version__
 
@@ -260,7 +260,7 @@ def getVersion() -> int:  # noqa: N802
     return major * 1_000_000 + minor * 1000 + micro
 
 
-class virConnect:  # noqa: N801
+class virConnect:
     """A connection to one driver root."""
 
     def __init__(self, uri: str, driver: Driver) -> None:
@@ -270,26 +270,26 @@ class virConnect:  # noqa: N801
 
     # -- connection -----------------------------------------------------------
 
-    def getURI(self) -> str:  # noqa: N802
+    def getURI(self) -> str:
         return self._uri
 
-    def getType(self) -> str:  # noqa: N802
+    def getType(self) -> str:
         return "QEMU"
 
-    def getHostname(self) -> str:  # noqa: N802
+    def getHostname(self) -> str:
         return socket.gethostname()
 
-    def getLibVersion(self) -> int:  # noqa: N802
+    def getLibVersion(self) -> int:
         return getVersion()
 
     @_api
-    def getVersion(self) -> int:  # noqa: N802
+    def getVersion(self) -> int:
         """QEMU's version, encoded like libvirt (7.2.22 -> 7002022)."""
         caps = self._driver.probe_emulator(_default_emulator())
         major, minor, micro = (int(x) for x in caps.version.split("."))
         return major * 1_000_000 + minor * 1000 + micro
 
-    def isAlive(self) -> int:  # noqa: N802
+    def isAlive(self) -> int:
         return 1 if self._open else 0
 
     def close(self) -> int:
@@ -305,37 +305,41 @@ class virConnect:  # noqa: N801
     # -- domains ----------------------------------------------------------------
 
     @_api
-    def lookupByName(self, name: str) -> virDomain:  # noqa: N802
+    def lookupByName(self, name: str) -> virDomain:
         rec = self._driver.record(name)
         return virDomain(self, rec.name, rec.definition.uuid)
 
     @_api
-    def lookupByUUIDString(self, uuidstr: str) -> virDomain:  # noqa: N802
+    def lookupByUUIDString(self, uuidstr: str) -> virDomain:
         rec = self._driver.record_by_uuid(uuidstr)
         return virDomain(self, rec.name, rec.definition.uuid)
 
     @_api
-    def lookupByUUID(self, uuid: bytes) -> virDomain:  # noqa: N802
+    def lookupByUUID(self, uuid: bytes) -> virDomain:
         return self.lookupByUUIDString(str(_uuid.UUID(bytes=bytes(uuid))))
 
     @_api
-    def defineXML(self, xml: str) -> virDomain:  # noqa: N802
+    def defineXML(self, xml: str) -> virDomain:
         dom = self._driver.define(xml)
         return virDomain(self, dom.name, dom.uuid)
 
     @_api
-    def defineXMLFlags(self, xml: str, flags: int = 0) -> virDomain:  # noqa: N802
+    def defineXMLFlags(self, xml: str, flags: int = 0) -> virDomain:
         _check_flags(flags, VIR_DOMAIN_DEFINE_VALIDATE, "virDomainDefineXMLFlags")
         return self.defineXML(xml)
 
     @_api
-    def createXML(self, xmlDesc: str, flags: int = 0) -> virDomain:  # noqa: N802,N803
-        _check_flags(flags, VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_VALIDATE, "virDomainCreateXML")
-        status = self._driver.create_transient(xmlDesc, paused=bool(flags & VIR_DOMAIN_START_PAUSED))
+    def createXML(self, xmlDesc: str, flags: int = 0) -> virDomain:
+        _check_flags(
+            flags, VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_VALIDATE, "virDomainCreateXML"
+        )
+        status = self._driver.create_transient(
+            xmlDesc, paused=bool(flags & VIR_DOMAIN_START_PAUSED)
+        )
         return virDomain(self, status.domain.name, status.domain.uuid)
 
     @_api
-    def listAllDomains(self, flags: int = 0) -> list[virDomain]:  # noqa: N802
+    def listAllDomains(self, flags: int = 0) -> list[virDomain]:
         out: list[virDomain] = []
         for name in self._driver.names():
             try:
@@ -347,7 +351,7 @@ class virConnect:  # noqa: N801
         return out
 
     @_api
-    def listDomainsID(self) -> list[int]:  # noqa: N802
+    def listDomainsID(self) -> list[int]:
         ids = []
         for name in self._driver.names():
             rec = self._driver.record(name)
@@ -356,19 +360,19 @@ class virConnect:  # noqa: N801
         return ids
 
     @_api
-    def listDefinedDomains(self) -> list[str]:  # noqa: N802
+    def listDefinedDomains(self) -> list[str]:
         return [n for n in self._driver.names() if not self._driver.record(n).active]
 
     @_api
-    def numOfDomains(self) -> int:  # noqa: N802
+    def numOfDomains(self) -> int:
         return len(self.listDomainsID())
 
     @_api
-    def numOfDefinedDomains(self) -> int:  # noqa: N802
+    def numOfDefinedDomains(self) -> int:
         return len(self.listDefinedDomains())
 
     @_api
-    def getDomainCapabilities(  # noqa: N802
+    def getDomainCapabilities(
         self,
         emulatorbin: str | None = None,
         arch: str | None = None,
@@ -385,7 +389,7 @@ class virConnect:  # noqa: N801
         )
 
     @_api
-    def getCapabilities(self) -> str:  # noqa: N802
+    def getCapabilities(self) -> str:
         from virtshift.xml.caps import format_host_caps
 
         emulator = _default_emulator()
@@ -426,7 +430,7 @@ def _domain_matches(rec: DomainRecord, flags: int) -> bool:
     return True
 
 
-class virDomain:  # noqa: N801
+class virDomain:
     """A domain handle (by name and UUID; state is read fresh on every call)."""
 
     def __init__(self, conn: virConnect, name: str, uuid: str) -> None:
@@ -447,25 +451,25 @@ class virDomain:  # noqa: N801
     def name(self) -> str:
         return self._name
 
-    def UUIDString(self) -> str:  # noqa: N802
+    def UUIDString(self) -> str:
         return self._uuid
 
-    def UUID(self) -> bytes:  # noqa: N802
+    def UUID(self) -> bytes:
         return _uuid.UUID(self._uuid).bytes
 
     @_api
-    def ID(self) -> int:  # noqa: N802
+    def ID(self) -> int:
         rec = self._record()
         if rec.status is None or rec.status.domain.id is None:
             return -1
         return rec.status.domain.id
 
     @_api
-    def isActive(self) -> int:  # noqa: N802
+    def isActive(self) -> int:
         return 1 if self._record().active else 0
 
     @_api
-    def isPersistent(self) -> int:  # noqa: N802
+    def isPersistent(self) -> int:
         return 1 if self._record().persistent else 0
 
     @_api
@@ -484,7 +488,7 @@ class virDomain:  # noqa: N801
         return [state, d.memory_kib, d.memory_kib if rec.active else 0, d.vcpu, 0]
 
     @_api
-    def XMLDesc(self, flags: int = 0) -> str:  # noqa: N802
+    def XMLDesc(self, flags: int = 0) -> str:
         from virtshift.xml.domain import format_domain
 
         _check_flags(
@@ -508,7 +512,7 @@ class virDomain:  # noqa: N801
         return 0
 
     @_api
-    def createWithFlags(self, flags: int = 0) -> int:  # noqa: N802
+    def createWithFlags(self, flags: int = 0) -> int:
         _check_flags(
             flags, VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_VALIDATE, "virDomainCreateWithFlags"
         )
@@ -521,7 +525,7 @@ class virDomain:  # noqa: N801
         return 0
 
     @_api
-    def destroyFlags(self, flags: int = 0) -> int:  # noqa: N802
+    def destroyFlags(self, flags: int = 0) -> int:
         _check_flags(flags, VIR_DOMAIN_DESTROY_GRACEFUL, "virDomainDestroyFlags")
         self._driver.destroy(self._name)
         return 0
@@ -542,7 +546,7 @@ class virDomain:  # noqa: N801
         return 0
 
     @_api
-    def undefineFlags(self, flags: int = 0) -> int:  # noqa: N802
+    def undefineFlags(self, flags: int = 0) -> int:
         _check_flags(
             flags,
             VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA

@@ -22,7 +22,7 @@ VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP = 1
 
 
 @_api
-def qemuMonitorCommand(domain: virDomain, cmd: str, flags: int = 0) -> str:  # noqa: N802
+def qemuMonitorCommand(domain: virDomain, cmd: str, flags: int = 0) -> str:
     """Run a QMP (flags 0) or HMP (flags 1) command on the domain's QEMU."""
     _check_flags(flags, VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP, "virDomainQemuMonitorCommand")
     if not isinstance(cmd, str) or not cmd.strip():

@@ -23,7 +23,9 @@ DEFAULT_URI = "qemu:///session"
 
 
 def _session_root() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return Path(base) / "virtshift" / "session"
 
 

@@ -32,9 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.qemu)
             if missing:
                 if os.environ.get("VIRTSHIFT_REQUIRE_QEMU") == "1":
-                    item.add_marker(pytest.mark.xfail(reason="QEMU required but missing", strict=True, run=False))
+                    item.add_marker(
+                        pytest.mark.xfail(
+                            reason="QEMU required but missing", strict=True, run=False
+                        )
+                    )
                 else:
-                    item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64/qemu-img/qemu-io not installed"))
+                    item.add_marker(
+                        pytest.mark.skip(reason="qemu-system-x86_64/qemu-img/qemu-io not installed")
+                    )
 
 
 def qemu_img(*args: str) -> str:
@@ -42,8 +48,13 @@ def qemu_img(*args: str) -> str:
     return res.stdout
 
 
-def make_image(path: Path, fmt: str = "qcow2", size: str = "16M", backing: Path | None = None,
-               backing_fmt: str = "qcow2") -> Path:
+def make_image(
+    path: Path,
+    fmt: str = "qcow2",
+    size: str = "16M",
+    backing: Path | None = None,
+    backing_fmt: str = "qcow2",
+) -> Path:
     args = ["create", "-q", "-f", fmt]
     if backing is not None:
         args += ["-b", str(backing), "-F", backing_fmt]
@@ -55,13 +66,21 @@ def qemu_io_read(path: Path, fmt: str, pattern: int, offset: int, length: str) -
     """True when qemu-io reads ``pattern`` at ``offset`` (offline, read-only)."""
     res = subprocess.run(
         ["qemu-io", "-r", "-f", fmt, "-c", f"read -P 0x{pattern:x} {offset} {length}", str(path)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return res.returncode == 0 and "Pattern verification failed" not in res.stdout
 
 
-def domain_xml(name: str, disks: list[tuple[str, Path, str]], *, uuid: str | None = None,
-               agent: bool = False, extra: str = "") -> str:
+def domain_xml(
+    name: str,
+    disks: list[tuple[str, Path, str]],
+    *,
+    uuid: str | None = None,
+    agent: bool = False,
+    extra: str = "",
+) -> str:
     """A minimal libvirt domain: ``disks`` is [(target, path, format)]."""
     disk_xml = "".join(
         f"""
@@ -72,11 +91,15 @@ def domain_xml(name: str, disks: list[tuple[str, Path, str]], *, uuid: str | Non
     </disk>"""
         for target, path, fmt in disks
     )
-    chan = """
+    chan = (
+        """
     <channel type='unix'>
       <source mode='bind'/>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>""" if agent else ""
+    </channel>"""
+        if agent
+        else ""
+    )
     uuid_xml = f"\n  <uuid>{uuid}</uuid>" if uuid else ""
     return textwrap.dedent(f"""\
 <domain type='qemu'>
@@ -109,7 +132,10 @@ def _kill_all(root: Path) -> None:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmd and str(root).encode() in Path(f"/proc/{pid}/cwd").resolve().as_posix().encode():
+            if (
+                b"qemu-system" in cmd
+                and str(root).encode() in Path(f"/proc/{pid}/cwd").resolve().as_posix().encode()
+            ):
                 os.kill(pid, signal.SIGKILL)
     time.sleep(0.05)
 

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 import virtshift.libvirt as libvirt
-
-from lxml import etree
 
 from .conftest import domain_xml, make_image, status_pid, tree_state
 
@@ -45,13 +44,22 @@ def disk(images: Path) -> Path:
             libvirt.VIR_ERR_XML_ERROR,
             "",
         ),
-        ("<domain type='qemu'><name>" + "x" * (2 * 1024 * 1024) + "</name></domain>",
-         libvirt.VIR_ERR_XML_ERROR, ""),
+        (
+            "<domain type='qemu'><name>" + "x" * (2 * 1024 * 1024) + "</name></domain>",
+            libvirt.VIR_ERR_XML_ERROR,
+            "",
+        ),
         ("<network><name>n</name></network>", libvirt.VIR_ERR_XML_ERROR, ""),
-        ("<domain type='qemu'><name>a/b</name><memory>1024</memory></domain>",
-         libvirt.VIR_ERR_XML_ERROR, "a/b"),
-        ("<domain type='qemu'><name>.hidden</name><memory>1024</memory></domain>",
-         libvirt.VIR_ERR_XML_ERROR, ".hidden"),
+        (
+            "<domain type='qemu'><name>a/b</name><memory>1024</memory></domain>",
+            libvirt.VIR_ERR_XML_ERROR,
+            "a/b",
+        ),
+        (
+            "<domain type='qemu'><name>.hidden</name><memory>1024</memory></domain>",
+            libvirt.VIR_ERR_XML_ERROR,
+            ".hidden",
+        ),
     ],
 )
 def test_define_rejects_bad_xml(conn, root: Path, xml: str, code: int, fragment: str) -> None:
@@ -68,15 +76,19 @@ def test_duplicate_targets_and_relative_paths(conn, root: Path, disk: Path) -> N
     before = tree_state(root)
     dup = domain_xml("dup", [("vda", disk, "qcow2"), ("vda", disk, "qcow2")])
     got, msg = _code(lambda: conn.defineXML(dup))
-    assert got == libvirt.VIR_ERR_XML_ERROR and "vda" in msg
+    assert got == libvirt.VIR_ERR_XML_ERROR
+    assert "vda" in msg
     rel = domain_xml("rel", [("vda", Path("images/d.qcow2"), "qcow2")])
     got, msg = _code(lambda: conn.defineXML(rel))
-    assert got == libvirt.VIR_ERR_XML_ERROR and "absolute" in msg
+    assert got == libvirt.VIR_ERR_XML_ERROR
+    assert "absolute" in msg
     assert tree_state(root) == before
 
 
 def test_duplicate_name_with_other_uuid(conn, root: Path, disk: Path) -> None:
-    conn.defineXML(domain_xml("one", [("vda", disk, "qcow2")], uuid="11111111-2222-3333-4444-555555555555"))
+    conn.defineXML(
+        domain_xml("one", [("vda", disk, "qcow2")], uuid="11111111-2222-3333-4444-555555555555")
+    )
     before = tree_state(root)
     got, msg = _code(
         lambda: conn.defineXML(
@@ -120,8 +132,9 @@ def test_backing_without_format_is_refused(conn, images: Path) -> None:
     assert pos > 0
     raw[pos : pos + 4] = bytes.fromhex("0badcafe")
     top.write_bytes(bytes(raw))
-    info = subprocess.run(["qemu-img", "info", "-f", "qcow2", str(top)], capture_output=True,
-                          text=True, check=True).stdout
+    info = subprocess.run(
+        ["qemu-img", "info", "-f", "qcow2", str(top)], capture_output=True, text=True, check=True
+    ).stdout
     assert "backing file format" not in info
     dom = conn.defineXML(domain_xml("nofmt", [("vda", top, "qcow2")]))
     got, msg = _code(dom.create)
@@ -160,10 +173,12 @@ def test_lifecycle_misuse(conn, disk: Path) -> None:
     assert got == libvirt.VIR_ERR_NO_DOMAIN
     dom = conn.defineXML(domain_xml("m", [("vda", disk, "qcow2")]))
     got, msg = _code(dom.destroy)
-    assert got == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in msg
+    assert got == libvirt.VIR_ERR_OPERATION_INVALID
+    assert "not running" in msg
     dom.create()
     got, msg = _code(dom.create)
-    assert got == libvirt.VIR_ERR_OPERATION_INVALID and "already running" in msg
+    assert got == libvirt.VIR_ERR_OPERATION_INVALID
+    assert "already running" in msg
     got, _ = _code(lambda: dom.createWithFlags(1 << 20))
     assert got == libvirt.VIR_ERR_INVALID_ARG
     dom.destroy()
@@ -206,7 +221,10 @@ def test_second_process_racing(conn, disk: Path, uri: str, root: Path) -> None:
     dom = conn.defineXML(domain_xml("race", [("vda", disk, "qcow2")]))
     dom.create()
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
             from virtshift.runtime.driver import Driver
@@ -214,17 +232,21 @@ def test_second_process_racing(conn, disk: Path, uri: str, root: Path) -> None:
             with d.locked("race", "long operation"):
                 print("locked", flush=True)
                 time.sleep(30)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
         os.environ["VIRTSHIFT_LOCK_TIMEOUT"] = "0.3"
         try:
             t0 = time.monotonic()
             got, msg = _code(dom.suspend)
             assert got == libvirt.VIR_ERR_OPERATION_TIMEOUT
-            assert "long operation" in msg and str(holder.pid) in msg
+            assert "long operation" in msg
+            assert str(holder.pid) in msg
             assert time.monotonic() - t0 < 5
             # reads still answer
             assert dom.isActive() == 1

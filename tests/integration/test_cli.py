@@ -44,13 +44,19 @@ def test_walkthrough(capsys, uri: str, images: Path, tmp_path: Path) -> None:
     assert live.find("devices/disk/alias").get("name") == "virtio-disk0"
     assert live.find("devices/disk/backingStore/source").get("file") == str(base)
     rc, out, _ = run(capsys, *c, "dumpxml", "vm1", "--inactive")
-    assert "alias" not in out and "id=" not in out.splitlines()[0]
+    assert "alias" not in out
+    assert "id=" not in out.splitlines()[0]
     rc, out, _ = run(capsys, *c, "domcapabilities", "vm1")
     caps = etree.fromstring(out.encode())
     assert caps.find("qemu/command[@name='transaction']").get("supported") == "yes"
     rc, out, err = run(
-        capsys, *c, "qemu-monitor-command", "vm1", "--hmp",
-        'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0xab 0 1M"')
+        capsys,
+        *c,
+        "qemu-monitor-command",
+        "vm1",
+        "--hmp",
+        'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0xab 0 1M"',
+    )
     assert rc == 0, err
     rc, out, _ = run(capsys, *c, "qemu-monitor-command", "vm1", '{"execute":"query-status"}')
     assert '"status": "running"' in out
@@ -86,17 +92,22 @@ def test_bad_xml_file_and_busy_exit_codes(capsys, uri: str, tmp_path: Path) -> N
     bad = tmp_path / "bad.xml"
     bad.write_text("<domain type='qemu'><name>x</name")
     rc, _out, err = run(capsys, "-c", uri, "define", str(bad))
-    assert rc == 4 and err.startswith("error: XML error")
+    assert rc == 4
+    assert err.startswith("error: XML error")
     bad.write_bytes(b"<domain>\xff\xfe</domain>")
     rc, _out, err = run(capsys, "-c", uri, "define", str(bad))
-    assert rc == 4 and "UTF-8" in err
+    assert rc == 4
+    assert "UTF-8" in err
 
 
 def test_console_script_and_module(uri: str) -> None:
     for cmd in (["virtshift"], [sys.executable, "-m", "virtshift"]):
         res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)
-        assert res.returncode == 0 and res.stdout.strip() == "0.1.0"
+        assert res.returncode == 0
+        assert res.stdout.strip() == "0.1.0"
         res = subprocess.run([*cmd, "-c", uri, "list", "--all"], capture_output=True, text=True)
-        assert res.returncode == 0 and res.stdout.split()[:3] == ["Id", "Name", "State"]
+        assert res.returncode == 0
+        assert res.stdout.split()[:3] == ["Id", "Name", "State"]
         res = subprocess.run([*cmd, "-c", "qemu:///system", "list"], capture_output=True, text=True)
-        assert res.returncode == 4 and res.stderr.startswith("error: no connection driver")
+        assert res.returncode == 4
+        assert res.stderr.startswith("error: no connection driver")

@@ -56,7 +56,8 @@ def test_define_start_live_xml_destroy(conn, two_disks, root: Path) -> None:
     assert bs.find("source").get("file") == str(base)
     assert bs.find("format").get("type") == "qcow2"
     assert int(bs.get("index")) < top_index
-    assert bs.find("backingStore") is not None and len(bs.find("backingStore")) == 0
+    assert bs.find("backingStore") is not None
+    assert len(bs.find("backingStore")) == 0
     chan = live.find("devices/channel")
     assert chan.find("source").get("path").endswith("org.qemu.guest_agent.0")
 
@@ -154,15 +155,19 @@ def test_qemu_outlives_the_starting_process(two_disks, uri: str, root: Path) -> 
 def test_capability_probe(conn, two_disks, root: Path) -> None:
     _base, top, _data = two_disks
     dom = conn.createXML(domain_xml("caps", [("vda", top, "qcow2")]), 0)
-    caps = etree.fromstring(
-        (root / "run" / "qemu" / "caps.xml").read_bytes()
-    ).find("qemu")
+    caps = etree.fromstring((root / "run" / "qemu" / "caps.xml").read_bytes()).find("qemu")
     commands = {c.get("name") for c in caps.findall("command")}
-    assert {"transaction", "blockdev-snapshot-sync", "drive-mirror", "block-job-complete"} <= commands
+    assert {
+        "transaction",
+        "blockdev-snapshot-sync",
+        "drive-mirror",
+        "block-job-complete",
+    } <= commands
     assert caps.get("version", "").startswith(("7.", "8.", "9.", "10."))
     dc = etree.fromstring(conn.getDomainCapabilities().encode())
     tx = dc.find("qemu/command[@name='transaction']")
-    assert tx is not None and tx.get("supported") == "yes"
+    assert tx is not None
+    assert tx.get("supported") == "yes"
     dom.destroy()
 
 

@@ -16,12 +16,30 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "virtshift"
 
 FORBIDDEN = {
-    "model": ("virtshift.qmp", "virtshift.runtime", "virtshift.store", "virtshift.cli",
-              "virtshift.libvirt", "virtshift.xml", "virtshift.ops"),
-    "xml": ("virtshift.qmp", "virtshift.runtime", "virtshift.store", "virtshift.cli",
-            "virtshift.libvirt", "virtshift.ops"),
-    "ops": ("virtshift.qmp.client", "virtshift.runtime", "virtshift.store", "virtshift.cli",
-            "virtshift.libvirt"),
+    "model": (
+        "virtshift.qmp",
+        "virtshift.runtime",
+        "virtshift.store",
+        "virtshift.cli",
+        "virtshift.libvirt",
+        "virtshift.xml",
+        "virtshift.ops",
+    ),
+    "xml": (
+        "virtshift.qmp",
+        "virtshift.runtime",
+        "virtshift.store",
+        "virtshift.cli",
+        "virtshift.libvirt",
+        "virtshift.ops",
+    ),
+    "ops": (
+        "virtshift.qmp.client",
+        "virtshift.runtime",
+        "virtshift.store",
+        "virtshift.cli",
+        "virtshift.libvirt",
+    ),
     "qmp": ("virtshift.runtime", "virtshift.store", "virtshift.cli", "virtshift.libvirt"),
     "store": ("virtshift.qmp", "virtshift.runtime", "virtshift.cli", "virtshift.libvirt"),
 }
@@ -54,7 +72,9 @@ def test_cli_start_imports_nothing_heavy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, virtshift.cli.main; "
-            "print(sorted(m for m in ('lxml', 'qemu.qmp', 'rich', 'asyncio') if m in sys.modules))")
+    code = (
+        "import sys, virtshift.cli.main; "
+        "print(sorted(m for m in ('lxml', 'qemu.qmp', 'rich', 'asyncio') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

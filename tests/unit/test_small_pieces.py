@@ -25,22 +25,31 @@ def test_error_messages_follow_libvirt() -> None:
     err = VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
     assert err.message == "Requested operation is not valid: domain is not running"
     assert VirtError(ErrorCode.NO_CONNECT, "xen:///").message == (
-        "no connection driver available for xen:///")
+        "no connection driver available for xen:///"
+    )
     q = QMPError("transaction", "Could not create file")
-    assert q.message == ("internal error: unable to execute QEMU command 'transaction': "
-                         "Could not create file")
+    assert q.message == (
+        "internal error: unable to execute QEMU command 'transaction': Could not create file"
+    )
 
 
 def test_uris(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert resolve_uri("qemu:///embed?root=/srv/lab") == ("qemu:///embed?root=/srv/lab",
-                                                           Path("/srv/lab"))
+    assert resolve_uri("qemu:///embed?root=/srv/lab") == (
+        "qemu:///embed?root=/srv/lab",
+        Path("/srv/lab"),
+    )
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     monkeypatch.delenv("VIRTSHIFT_DEFAULT_URI", raising=False)
     assert resolve_uri(None) == ("qemu:///session", tmp_path / "virtshift" / "session")
     monkeypatch.setenv("VIRTSHIFT_DEFAULT_URI", "qemu:///embed?root=/x")
     assert resolve_uri(None)[1] == Path("/x")
-    for bad, code in [("qemu:///system", 5), ("qemu+ssh://h/session", 5), ("lxc:///", 5),
-                      ("qemu:///embed", 8), ("qemu:///embed?root=rel", 8)]:
+    for bad, code in [
+        ("qemu:///system", 5),
+        ("qemu+ssh://h/session", 5),
+        ("lxc:///", 5),
+        ("qemu:///embed", 8),
+        ("qemu:///embed?root=rel", 8),
+    ]:
         with pytest.raises(VirtError) as exc:
             resolve_uri(bad)
         assert exc.value.code == code, bad
@@ -51,26 +60,46 @@ def test_caps_from_replies() -> None:
         {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2 "},
         [{"name": "transaction"}, {"name": "query-block"}],
     )
-    assert caps.version == "7.2.22" and caps.package == "Debian 1:7.2"
-    assert caps.transaction and caps.has("query-block") and not caps.has("drive-mirror")
+    assert caps.version == "7.2.22"
+    assert caps.package == "Debian 1:7.2"
+    assert caps.transaction
+    assert caps.has("query-block")
+    assert not caps.has("drive-mirror")
     assert caps.features()["drive-mirror"] is False
     hidden = caps_from_replies({"qemu": {"major": 7, "minor": 2, "micro": 0}}, [{"name": "x"}])
     assert not hidden.transaction
-    for version, commands in [({}, []), ({"qemu": {"major": "x"}}, []),
-                              ({"qemu": {"major": 1, "minor": 2, "micro": 3}}, [{"nom": 1}])]:
+    for version, commands in [
+        ({}, []),
+        ({"qemu": {"major": "x"}}, []),
+        ({"qemu": {"major": 1, "minor": 2, "micro": 3}}, [{"nom": 1}]),
+    ]:
         with pytest.raises(VirtError):
             caps_from_replies(version, commands)
 
 
 def test_parse_query_block() -> None:
-    reply = [{
-        "device": "", "qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
-        "inserted": {"node-name": "libvirt-2-format", "image": {
-            "filename": "/i/top.qcow2", "format": "qcow2", "virtual-size": 16,
-            "backing-image": {"filename": "/i/base.qcow2", "format": "qcow2", "virtual-size": 16}}},
-    }]
+    reply = [
+        {
+            "device": "",
+            "qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+            "inserted": {
+                "node-name": "libvirt-2-format",
+                "image": {
+                    "filename": "/i/top.qcow2",
+                    "format": "qcow2",
+                    "virtual-size": 16,
+                    "backing-image": {
+                        "filename": "/i/base.qcow2",
+                        "format": "qcow2",
+                        "virtual-size": 16,
+                    },
+                },
+            },
+        }
+    ]
     (dev,) = parse_query_block(reply)
-    assert dev.alias == "virtio-disk0" and dev.node_name == "libvirt-2-format"
+    assert dev.alias == "virtio-disk0"
+    assert dev.node_name == "libvirt-2-format"
     assert [x.filename for x in dev.chain] == ["/i/top.qcow2", "/i/base.qcow2"]
     with pytest.raises(VirtError):
         parse_query_block({"not": "a list"})
@@ -81,20 +110,42 @@ def test_parse_query_block() -> None:
 def test_status_round_trip() -> None:
     base = StorageSource(path="/i/base.qcow2", format="qcow2", index=1, backing_end=True)
     top = StorageSource(path="/i/top.qcow2", format="qcow2", index=2, backing=base)
-    dom = Domain(name="vm", uuid="0e8a6b2c-3f6e-4a3b-9f0a-5b9a2e1f7c11", id=3, memory_kib=131072,
-                 disks=(Disk(target="vda", bus="virtio", driver_name="qemu", source=top,
-                             alias="virtio-disk0"),))
-    st = DomainStatus(state=DomainState.PAUSED, reason="user", pid=1234, monitor="/r/m.sock",
-                      query_monitor="/r/q.sock", log="/l/vm.log", rundir="/r", persistent=True,
-                      caps=QemuCaps(version="7.2.22", package="p", commands=frozenset({"a", "b"})),
-                      next_index=3, domain=dom)
+    dom = Domain(
+        name="vm",
+        uuid="0e8a6b2c-3f6e-4a3b-9f0a-5b9a2e1f7c11",
+        id=3,
+        memory_kib=131072,
+        disks=(
+            Disk(target="vda", bus="virtio", driver_name="qemu", source=top, alias="virtio-disk0"),
+        ),
+    )
+    st = DomainStatus(
+        state=DomainState.PAUSED,
+        reason="user",
+        pid=1234,
+        monitor="/r/m.sock",
+        query_monitor="/r/q.sock",
+        log="/l/vm.log",
+        rundir="/r",
+        persistent=True,
+        caps=QemuCaps(version="7.2.22", package="p", commands=frozenset({"a", "b"})),
+        next_index=3,
+        domain=dom,
+    )
     back = parse_status(format_status(st))
-    assert back.state == DomainState.PAUSED and back.pid == 1234 and back.next_index == 3
-    assert back.caps == st.caps and back.persistent and back.rundir == "/r"
+    assert back.state == DomainState.PAUSED
+    assert back.pid == 1234
+    assert back.next_index == 3
+    assert back.caps == st.caps
+    assert back.persistent
+    assert back.rundir == "/r"
     disk = back.domain.disks[0]
-    assert disk.alias == "virtio-disk0" and back.domain.id == 3
+    assert disk.alias == "virtio-disk0"
+    assert back.domain.id == 3
     assert [(x.path, x.index, x.node_name) for x in disk.source.chain()] == [
-        ("/i/top.qcow2", 2, "libvirt-2-format"), ("/i/base.qcow2", 1, "libvirt-1-format")]
+        ("/i/top.qcow2", 2, "libvirt-2-format"),
+        ("/i/base.qcow2", 1, "libvirt-1-format"),
+    ]
     assert format_status(back) == format_status(st)
     with pytest.raises(VirtError) as exc:
         parse_status("<domstatus state='bogus'/>")
@@ -115,7 +166,11 @@ def test_write_atomic_replaces_whole_files(tmp_path: Path) -> None:
 
 def test_file_lock_across_processes(tmp_path: Path) -> None:
     path = tmp_path / "d.lock"
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         from virtshift.store.files import FileLock
@@ -123,7 +178,12 @@ def test_file_lock_across_processes(tmp_path: Path) -> None:
         lock.acquire("snapshot-create")
         print("held", flush=True)
         sys.stdin.readline()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "held"
         lock = FileLock(path, what="domain 'x'", timeout=0.2)

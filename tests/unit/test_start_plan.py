@@ -15,16 +15,27 @@ from virtshift.ops.start import (
 )
 
 
-def _disk(target: str, path: str, fmt: str = "qcow2", backing: StorageSource | None = None,
-          bus: str = "virtio") -> Disk:
+def _disk(
+    target: str,
+    path: str,
+    fmt: str = "qcow2",
+    backing: StorageSource | None = None,
+    bus: str = "virtio",
+) -> Disk:
     src = StorageSource(path=path, format=fmt, backing=backing, backing_end=backing is None)
     return Disk(target=target, bus=bus, source=src)
 
 
 def _plan(dom: Domain):
-    return plan_start(dom, emulator="/usr/bin/qemu-system-x86_64", monitor="/r/d/monitor.sock",
-                      query_monitor="/r/d/query.sock", agent_socket="/r/d/org.qemu.guest_agent.0",
-                      accel="tcg", rundir="/r/d")
+    return plan_start(
+        dom,
+        emulator="/usr/bin/qemu-system-x86_64",
+        monitor="/r/d/monitor.sock",
+        query_monitor="/r/d/query.sock",
+        agent_socket="/r/d/org.qemu.guest_agent.0",
+        accel="tcg",
+        rundir="/r/d",
+    )
 
 
 def _blockdevs(argv: list[str]) -> list[dict]:
@@ -34,35 +45,71 @@ def _blockdevs(argv: list[str]) -> list[dict]:
 def test_chain_numbered_bottom_up_with_explicit_formats() -> None:
     base = StorageSource(path="/img/base.raw", format="raw", backing_end=True)
     mid = StorageSource(path="/img/mid.qcow2", format="qcow2", backing=base)
-    dom = Domain(name="vm", uuid="u-1", memory_kib=131072, disks=(
-        _disk("vda", "/img/top.qcow2", backing=mid), _disk("vdb", "/img/data.qcow2")))
+    dom = Domain(
+        name="vm",
+        uuid="u-1",
+        memory_kib=131072,
+        disks=(_disk("vda", "/img/top.qcow2", backing=mid), _disk("vdb", "/img/data.qcow2")),
+    )
     plan = _plan(dom)
     vda, vdb = plan.domain.disks
     assert [layer.index for layer in vda.source.chain()] == [3, 2, 1]
     assert [layer.node_name for layer in vda.source.chain()] == [
-        "libvirt-3-format", "libvirt-2-format", "libvirt-1-format"]
-    assert vdb.source.index == 4 and vdb.source.backing is None and vdb.source.backing_end
+        "libvirt-3-format",
+        "libvirt-2-format",
+        "libvirt-1-format",
+    ]
+    assert vdb.source.index == 4
+    assert vdb.source.backing is None
+    assert vdb.source.backing_end
     assert plan.next_index == 5
     assert (vda.alias, vdb.alias) == ("virtio-disk0", "virtio-disk1")
     nodes = _blockdevs(plan.argv)
-    assert nodes[0] == {"driver": "file", "filename": "/img/base.raw", "node-name": "libvirt-1-storage",
-                        "auto-read-only": True, "discard": "unmap"}
-    assert nodes[1] == {"node-name": "libvirt-1-format", "read-only": True, "driver": "raw",
-                        "file": "libvirt-1-storage"}
-    assert nodes[3]["backing"] == "libvirt-1-format" and nodes[3]["read-only"] is True
-    assert nodes[5] == {"node-name": "libvirt-3-format", "read-only": False, "driver": "qcow2",
-                        "file": "libvirt-3-storage", "backing": "libvirt-2-format"}
-    assert nodes[7]["backing"] is None  # qcow2 without backing: explicit null, never opened from the header
+    assert nodes[0] == {
+        "driver": "file",
+        "filename": "/img/base.raw",
+        "node-name": "libvirt-1-storage",
+        "auto-read-only": True,
+        "discard": "unmap",
+    }
+    assert nodes[1] == {
+        "node-name": "libvirt-1-format",
+        "read-only": True,
+        "driver": "raw",
+        "file": "libvirt-1-storage",
+    }
+    assert nodes[3]["backing"] == "libvirt-1-format"
+    assert nodes[3]["read-only"] is True
+    assert nodes[5] == {
+        "node-name": "libvirt-3-format",
+        "read-only": False,
+        "driver": "qcow2",
+        "file": "libvirt-3-storage",
+        "backing": "libvirt-2-format",
+    }
+    assert (
+        nodes[7]["backing"] is None
+    )  # qcow2 without backing: explicit null, never opened from the header
     devices = [plan.argv[i + 1] for i, a in enumerate(plan.argv) if a == "-device"]
-    assert json.loads(devices[0]) == {"driver": "virtio-blk-pci", "drive": "libvirt-3-format",
-                                      "id": "virtio-disk0"}
+    assert json.loads(devices[0]) == {
+        "driver": "virtio-blk-pci",
+        "drive": "libvirt-3-format",
+        "id": "virtio-disk0",
+    }
 
 
 def test_argv_basics_and_relative_sockets() -> None:
-    dom = Domain(name="vm", uuid="u-1", memory_kib=262144, vcpu=2, machine="pc",
-                 disks=(_disk("vda", "/img/a.qcow2"),),
-                 channels=(Channel(type="unix", target_type="virtio",
-                                   target_name="org.qemu.guest_agent.0"),))
+    dom = Domain(
+        name="vm",
+        uuid="u-1",
+        memory_kib=262144,
+        vcpu=2,
+        machine="pc",
+        disks=(_disk("vda", "/img/a.qcow2"),),
+        channels=(
+            Channel(type="unix", target_type="virtio", target_name="org.qemu.guest_agent.0"),
+        ),
+    )
     plan = _plan(dom)
     argv = plan.argv
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
@@ -70,28 +117,51 @@ def test_argv_basics_and_relative_sockets() -> None:
     assert argv[argv.index("-machine") + 1] == "pc,accel=tcg"
     assert argv[argv.index("-m") + 1] == "256"
     assert argv[argv.index("-smp") + 1] == "2"
-    assert "-S" in argv and "-nodefaults" in argv
+    assert "-S" in argv
+    assert "-nodefaults" in argv
     assert "socket,id=charmonitor,path=monitor.sock,server=on,wait=off" in argv
     assert "socket,id=charquery,path=query.sock,server=on,wait=off" in argv
     assert "socket,id=charchannel0,path=org.qemu.guest_agent.0,server=on,wait=off" in argv
     ch = plan.domain.channels[0]
-    assert ch.path == "/r/d/org.qemu.guest_agent.0" and ch.alias == "channel0"
+    assert ch.path == "/r/d/org.qemu.guest_agent.0"
+    assert ch.alias == "channel0"
 
 
 def test_paths_with_commas_are_escaped_for_qemu() -> None:
-    dom = Domain(name="vm", uuid="u", memory_kib=1024, disks=(_disk("vda", "/img/a.qcow2"),),
-                 channels=(Channel(type="unix", path="/x,y/agent.sock", target_type="virtio",
-                                   target_name="org.qemu.guest_agent.0"),))
+    dom = Domain(
+        name="vm",
+        uuid="u",
+        memory_kib=1024,
+        disks=(_disk("vda", "/img/a.qcow2"),),
+        channels=(
+            Channel(
+                type="unix",
+                path="/x,y/agent.sock",
+                target_type="virtio",
+                target_name="org.qemu.guest_agent.0",
+            ),
+        ),
+    )
     assert "socket,id=charchannel0,path=/x,,y/agent.sock,server=on,wait=off" in _plan(dom).argv
 
 
 @pytest.mark.parametrize(
     ("disk", "detail"),
     [
-        (Disk(target="vda", type="network", source=StorageSource(type="network", protocol="nbd")),
-         "network disk 'vda'"),
-        (Disk(target="hdc", device="cdrom", source=StorageSource(path="/a.iso", format="raw",
-                                                                  backing_end=True)), "cdrom"),
+        (
+            Disk(
+                target="vda", type="network", source=StorageSource(type="network", protocol="nbd")
+            ),
+            "network disk 'vda'",
+        ),
+        (
+            Disk(
+                target="hdc",
+                device="cdrom",
+                source=StorageSource(path="/a.iso", format="raw", backing_end=True),
+            ),
+            "cdrom",
+        ),
         (_disk("vda", "/img/a.vmdk", fmt="vmdk"), "explicit format"),
         (_disk("vda", "/img/a.qcow2", bus="usb"), "bus 'usb'"),
     ],
@@ -105,9 +175,15 @@ def test_refused_configurations(disk: Disk, detail: str) -> None:
 
 @pytest.mark.parametrize(
     ("target", "bus", "alias"),
-    [("vda", "virtio", "virtio-disk0"), ("vdz", "virtio", "virtio-disk25"),
-     ("vdaa", "virtio", "virtio-disk26"), ("sdb", "sata", "sata0-0-1"),
-     ("sdc", "scsi", "scsi0-0-0-2"), ("hdb", "ide", "ide0-0-1"), ("hdc", "ide", "ide0-1-0")],
+    [
+        ("vda", "virtio", "virtio-disk0"),
+        ("vdz", "virtio", "virtio-disk25"),
+        ("vdaa", "virtio", "virtio-disk26"),
+        ("sdb", "sata", "sata0-0-1"),
+        ("sdc", "scsi", "scsi0-0-0-2"),
+        ("hdb", "ide", "ide0-0-1"),
+        ("hdc", "ide", "ide0-1-0"),
+    ],
 )
 def test_aliases_like_libvirt(target: str, bus: str, alias: str) -> None:
     assert disk_alias(Disk(target=target, bus=bus)) == alias
@@ -115,23 +191,38 @@ def test_aliases_like_libvirt(target: str, bus: str, alias: str) -> None:
 
 def test_chain_from_image_info() -> None:
     infos = [
-        {"filename": "/i/top.qcow2", "format": "qcow2", "backing-filename": "base.qcow2",
-         "full-backing-filename": "/i/base.qcow2", "backing-filename-format": "qcow2"},
-        {"filename": "/i/base.qcow2", "format": "qcow2", "backing-filename": "/i/raw.img",
-         "backing-filename-format": "raw"},
+        {
+            "filename": "/i/top.qcow2",
+            "format": "qcow2",
+            "backing-filename": "base.qcow2",
+            "full-backing-filename": "/i/base.qcow2",
+            "backing-filename-format": "qcow2",
+        },
+        {
+            "filename": "/i/base.qcow2",
+            "format": "qcow2",
+            "backing-filename": "/i/raw.img",
+            "backing-filename-format": "raw",
+        },
         {"filename": "/i/raw.img", "format": "raw"},
     ]
     top = StorageSource(path="/i/top.qcow2", format="qcow2")
     chain = chain_from_image_info(top, infos, disk="vda").chain()
     assert [(c.path, c.format) for c in chain] == [
-        ("/i/top.qcow2", "qcow2"), ("/i/base.qcow2", "qcow2"), ("/i/raw.img", "raw")]
-    assert chain[-1].backing_end and not chain[0].backing_end
+        ("/i/top.qcow2", "qcow2"),
+        ("/i/base.qcow2", "qcow2"),
+        ("/i/raw.img", "raw"),
+    ]
+    assert chain[-1].backing_end
+    assert not chain[0].backing_end
 
 
 def test_chain_refuses_missing_backing_format_and_mismatch() -> None:
     top = StorageSource(path="/i/top.qcow2", format="qcow2")
     with pytest.raises(VirtError) as exc:
-        chain_from_image_info(top, [{"format": "qcow2", "backing-filename": "/i/b"}, {}], disk="vda")
+        chain_from_image_info(
+            top, [{"format": "qcow2", "backing-filename": "/i/b"}, {}], disk="vda"
+        )
     assert exc.value.code == ErrorCode.CONFIG_UNSUPPORTED
     assert "format of backing image '/i/b'" in exc.value.message
     with pytest.raises(VirtError) as exc:
@@ -139,6 +230,8 @@ def test_chain_refuses_missing_backing_format_and_mismatch() -> None:
     assert "is raw, not qcow2" in exc.value.message
     with pytest.raises(VirtError) as exc:
         chain_from_image_info(
-            top, [{"format": "qcow2", "backing-filename": "/i/b", "backing-filename-format": "qcow2"}],
-            disk="vda")
+            top,
+            [{"format": "qcow2", "backing-filename": "/i/b", "backing-filename-format": "qcow2"}],
+            disk="vda",
+        )
     assert exc.value.code == ErrorCode.OPERATION_INVALID

@@ -79,8 +79,13 @@ def run_demo(keep: bool = False) -> int:
         click.echo(f"   running: id {dom.ID()}, state {dom.state()}")
         step("write guest data through the virtio devices (HMP qemu-io)")
         for dev, pat, off, length in _WRITES:
-            cmd = f'qemu-io -d /machine/peripheral/{dev}/virtio-backend "write -P 0x{pat:x} {off} {length}"'
-            libvirt_qemu.qemuMonitorCommand(dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+            cmd = (
+                f"qemu-io -d /machine/peripheral/{dev}/virtio-backend "
+                f'"write -P 0x{pat:x} {off} {length}"'
+            )
+            libvirt_qemu.qemuMonitorCommand(
+                dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            )
             click.echo(f"   {dev}: 0x{pat:02x} x {length} at {off}")
         step("live XML")
         click.echo(dom.XMLDesc(0))
@@ -98,7 +103,9 @@ def run_demo(keep: bool = False) -> int:
             )  # fmt: skip
             good = res.returncode == 0 and "Pattern verification failed" not in res.stdout
             ok &= good
-            click.echo(f"   {files[dev].name}: 0x{pat:02x} at {off}: {'ok' if good else 'MISMATCH'}")
+            click.echo(
+                f"   {files[dev].name}: 0x{pat:02x} at {off}: {'ok' if good else 'MISMATCH'}"
+            )
         step("done")
     finally:
         if dom is not None:
@@ -110,7 +117,9 @@ def run_demo(keep: bool = False) -> int:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     click.echo("\ntimeline:")
-    for (label, t), (_n, t_next) in zip(timeline, [*timeline[1:], ("", time.monotonic())], strict=True):
+    for (label, t), (_n, t_next) in zip(
+        timeline, [*timeline[1:], ("", time.monotonic())], strict=True
+    ):
         click.echo(f"  {t - t0:6.3f}s  {t_next - t:6.3f}s  {label}")
     click.echo("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1

@@ -436,9 +436,7 @@ def domcapabilities(
             nl=False,
         )
         return
-    click.echo(
-        conn.getDomainCapabilities(emulatorbin, arch, machine, virttype), nl=False
-    )
+    click.echo(conn.getDomainCapabilities(emulatorbin, arch, machine, virttype), nl=False)
 
 
 @cli.command()

@@ -178,7 +178,9 @@ def blockdev_layers(layer: StorageSource, *, readonly: bool) -> list[dict[str, A
     out: list[dict[str, Any]] = []
     if layer.backing is not None:
         out.extend(blockdev_layers(layer.backing, readonly=True))
-    assert layer.index is not None and layer.path is not None and layer.format is not None
+    assert layer.index is not None
+    assert layer.path is not None
+    assert layer.format is not None
     out.append(
         {
             "driver": "host_device" if layer.type == "block" else "file",
@@ -216,7 +218,13 @@ def _device(disk: Disk, alias: str) -> dict[str, Any]:
     elif bus == "scsi":
         dev = {"driver": "scsi-hd", "bus": "scsi0.0", "scsi-id": n, "drive": drive, "id": alias}
     else:  # ide on a pc machine
-        dev = {"driver": "ide-hd", "bus": f"ide.{n // 2}", "unit": n % 2, "drive": drive, "id": alias}
+        dev = {
+            "driver": "ide-hd",
+            "bus": f"ide.{n // 2}",
+            "unit": n % 2,
+            "drive": drive,
+            "id": alias,
+        }
     if disk.serial:
         dev["serial"] = disk.serial
     if disk.readonly and bus == "virtio":
@@ -272,6 +280,7 @@ def plan_start(
                     f"disk '{disk.target}': image '{layer.path}' needs an explicit format "
                     f"(qcow2 or raw), not {layer.format!r}",
                 )
+
     def qpath(path: str) -> str:
         if rundir and path.startswith(rundir.rstrip("/") + "/"):
             path = path[len(rundir.rstrip("/")) + 1 :]

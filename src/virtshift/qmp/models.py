@@ -92,7 +92,9 @@ def parse_query_block(reply: Any) -> list[BlockDevice]:
                 if not isinstance(fn, str) or not isinstance(fmt, str):
                     raise _bad("query-block", "image without filename or format")
                 chain.append(
-                    ImageLayer(filename=fn, format=fmt, virtual_size=int(image.get("virtual-size", 0)))
+                    ImageLayer(
+                        filename=fn, format=fmt, virtual_size=int(image.get("virtual-size", 0))
+                    )
                 )
                 image = image.get("backing-image")
         out.append(

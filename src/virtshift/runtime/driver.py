@@ -51,7 +51,7 @@ from virtshift.store.files import FileLock, ensure_dir, remove_quietly, write_at
 from virtshift.xml.domain import format_domain, parse_domain
 from virtshift.xml.status import format_status, parse_status
 
-__all__ = ["DEFAULT_EMULATOR", "Driver", "DomainRecord"]
+__all__ = ["DEFAULT_EMULATOR", "DomainRecord", "Driver"]
 
 _log = logging.getLogger("virtshift.driver")
 
@@ -313,9 +313,7 @@ class Driver:
                 )
             src = disk.source
             if src.path is None:
-                raise VirtError(
-                    ErrorCode.CONFIG_UNSUPPORTED, f"disk '{disk.target}' has no source"
-                )
+                raise VirtError(ErrorCode.CONFIG_UNSUPPORTED, f"disk '{disk.target}' has no source")
             if src.format is None:  # libvirt's default when no format is given
                 src = dataclasses.replace(src, format="raw")
             for layer in src.chain():
@@ -399,7 +397,9 @@ class Driver:
         try:
             mon = self._wait_monitor(proc, monitor, log)
             try:
-                caps = caps_from_replies(mon.execute("query-version"), mon.execute("query-commands"))
+                caps = caps_from_replies(
+                    mon.execute("query-version"), mon.execute("query-commands")
+                )
                 live = _check_chains(live, mon.execute("query-block"))
                 if not paused:
                     mon.execute("cont")
@@ -521,7 +521,9 @@ class Driver:
         try:
             data = json.loads(path.read_text())
             return QemuCaps(
-                version=data["version"], package=data["package"], commands=frozenset(data["commands"])
+                version=data["version"],
+                package=data["package"],
+                commands=frozenset(data["commands"]),
             )
         except (FileNotFoundError, ValueError, KeyError):
             pass
@@ -529,7 +531,11 @@ class Driver:
         write_atomic(
             path,
             json.dumps(
-                {"version": caps.version, "package": caps.package, "commands": sorted(caps.commands)}
+                {
+                    "version": caps.version,
+                    "package": caps.package,
+                    "commands": sorted(caps.commands),
+                }
             ),
         )
         return caps
@@ -604,7 +610,8 @@ def _log_tail(log: Path, limit: int = 2000) -> str:
 
 
 def _image_info_chain(src: StorageSource, disk: str) -> list[dict[str, Any]]:
-    assert src.path is not None and src.format is not None
+    assert src.path is not None
+    assert src.format is not None
     argv = [
         "qemu-img", "info", "--output=json", "--backing-chain", "-f", src.format, src.path,
     ]  # fmt: skip

@@ -17,9 +17,10 @@ The live form (``inactive=False``) writes ``<domain id=>``, disk and channel
 ``<alias>``, ``index=`` attributes and ``<mirror>``.  The inactive form drops
 the id, the mirrors, aliases other than user aliases (``ua-...``) and every
 ``index=`` that was not already in the parsed document with the same value
-(libvirt keeps the indexes of a configured chain in the inactive form too).
-Both forms write the backing chain the model holds; a caller that keeps a
-separate persistent definition formats that one for the inactive form.
+(libvirt keeps the indexes of a configured chain in the inactive form too;
+so indexes read back from a saved live document also stay).  Both forms
+write the backing chain the model holds; a caller that keeps a separate
+persistent definition formats that one for the inactive form.
 
 When a disk's chain (or a mirror) differs from what its element says, the
 ``<source>`` / ``<backingStore>`` / ``<format>`` elements are regenerated from
@@ -27,7 +28,9 @@ the model.  Each regenerated layer starts from the element of the same image
 (same path, or same protocol and volume name) found in the layer's own
 ``tree`` or in the disk's old chain or old mirror, so children virtshift does
 not model (``<seclabel>``, ``<host>``, ``<encryption>``, ``<privateData>``...)
-follow their image; an image with no old element gets fresh elements.
+follow their image; an image with no old element gets fresh elements.  A
+regenerated ``type='file'`` mirror also gets libvirt's old-style ``file=`` and
+``format=`` attributes, as libvirt writes them.
 
 This module does no IO: it does not check that images exist, talk to QEMU or
 choose file names.  It validates only what :func:`validate_domain` lists; the

@@ -49,9 +49,7 @@ def format_status(status: DomainStatus) -> str:
         rundir=status.rundir,
         log=status.log,
     )
-    qemu = etree.SubElement(
-        root, "qemu", version=status.caps.version, package=status.caps.package
-    )
+    qemu = etree.SubElement(root, "qemu", version=status.caps.version, package=status.caps.package)
     for name in sorted(status.caps.commands):
         etree.SubElement(qemu, "command", name=name)
     root.append(etree.fromstring(format_domain(status.domain).encode()))
