@@ -196,3 +196,70 @@ def test_qemu_dies_behind_our_back(conn, two_disks, root: Path) -> None:
     dom.create()  # the stale status does not block a new start
     assert dom.isActive() == 1
     dom.destroy()
+
+
+def test_session_uri_uses_the_per_user_data_dir(two_disks, tmp_path: Path, monkeypatch) -> None:
+    _base, top, _data = two_disks
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("VIRTSHIFT_DEFAULT_URI", raising=False)
+    conn = libvirt.open()
+    assert conn.getURI() == "qemu:///session"
+    root = tmp_path / "xdg" / "virtshift" / "session"
+    dom = conn.defineXML(domain_xml("sess", [("vda", top, "qcow2")]))
+    dom.create()
+    try:
+        assert (root / "etc" / "qemu" / "sess.xml").exists()
+        status = root / "run" / "qemu" / "sess.xml"
+        assert status.exists()
+        # private to the owner
+        assert root.stat().st_mode & 0o777 == 0o700
+        assert status.stat().st_mode & 0o777 == 0o600
+        assert (root / "log" / "qemu" / "sess.log").stat().st_mode & 0o777 == 0o600
+    finally:
+        dom.destroy()
+    dom.undefine()
+
+
+def test_libvirt_error_accessors(conn) -> None:
+    with pytest.raises(libvirt.libvirtError) as exc:
+        conn.lookupByName("nobody")
+    e = exc.value
+    assert e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    assert e.get_error_domain() == libvirt.VIR_FROM_QEMU
+    assert e.get_error_level() == libvirt.VIR_ERR_ERROR
+    assert e.get_error_message() == "Domain not found: no domain with matching name 'nobody'"
+    assert e.get_str1() == "no domain with matching name 'nobody'"
+    assert e.err[0] == 42
+    assert isinstance(e, Exception)
+
+
+def test_create_xml_over_a_defined_name_is_refused(conn, two_disks, root: Path) -> None:
+    _base, top, _data = two_disks
+    xml = domain_xml("taken", [("vda", top, "qcow2")])
+    conn.defineXML(xml)
+    with pytest.raises(libvirt.libvirtError) as exc:
+        conn.createXML(xml, 0)
+    assert exc.value.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED
+    assert not (root / "run" / "qemu" / "taken.xml").exists()
+    assert conn.lookupByName("taken").isActive() == 0
+
+
+def test_list_filters(conn, two_disks) -> None:
+    _base, top, data = two_disks
+    conn.defineXML(domain_xml("p-off", [("vda", top, "qcow2")]))
+    conn.createXML(domain_xml("t-on", [("vda", data, "raw")]), libvirt.VIR_DOMAIN_START_PAUSED)
+
+    def names(flags: int) -> list[str]:
+        return sorted(d.name() for d in conn.listAllDomains(flags))
+
+    assert names(0) == ["p-off", "t-on"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE) == ["t-on"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE) == ["p-off"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT) == ["p-off"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT) == ["t-on"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED) == ["t-on"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF) == ["p-off"]
+    assert conn.listDefinedDomains() == ["p-off"]
+    assert len(conn.listDomainsID()) == 1
+    conn.lookupByName("t-on").destroy()
+    assert names(0) == ["p-off"]

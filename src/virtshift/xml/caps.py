@@ -15,6 +15,7 @@ import platform
 from lxml import etree
 
 from virtshift.model.status import QemuCaps
+from virtshift.xml.safe import serialize_document
 
 __all__ = ["format_domain_caps", "format_host_caps"]
 
@@ -34,8 +35,7 @@ def _text(parent: etree._Element, tag: str, text: str) -> etree._Element:
 
 
 def _tostring(root: etree._Element) -> str:
-    etree.indent(root, space="  ")
-    return etree.tostring(root, encoding="unicode").replace('"', "'") + "\n"
+    return serialize_document(root)
 
 
 def format_domain_caps(

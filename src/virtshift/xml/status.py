@@ -28,7 +28,7 @@ from virtshift.errors import ErrorCode, VirtError
 from virtshift.model.domain import Disk, Domain, StorageSource
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
 from virtshift.xml.domain import format_domain, parse_domain
-from virtshift.xml.safe import parse_document
+from virtshift.xml.safe import parse_document, serialize_document
 
 __all__ = ["fill_node_names", "format_status", "parse_status"]
 
@@ -53,8 +53,7 @@ def format_status(status: DomainStatus) -> str:
     for name in sorted(status.caps.commands):
         etree.SubElement(qemu, "command", name=name)
     root.append(etree.fromstring(format_domain(status.domain).encode()))
-    etree.indent(root, space="  ")
-    return etree.tostring(root, encoding="unicode") + "\n"
+    return serialize_document(root)
 
 
 def _layer_nodes(layer: StorageSource | None) -> StorageSource | None:
