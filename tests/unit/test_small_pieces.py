@@ -201,3 +201,14 @@ def test_file_lock_across_processes(tmp_path: Path) -> None:
     with lock.hold("start"):
         assert lock.held
     assert os.path.exists(path)
+
+
+def test_write_atomic_never_follows_a_planted_temp_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "s.xml"
+    (tmp_path / f".s.xml.{os.getpid()}.tmp").symlink_to(victim)
+    write_atomic(target, "state")
+    assert target.read_text() == "state"
+    assert victim.read_text() == "precious"
+    assert not target.is_symlink()

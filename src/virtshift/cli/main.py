@@ -111,19 +111,10 @@ def _read_file(path: str) -> str:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A virsh-style table: left-aligned columns, a dashed rule under the header."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    """A virsh-style table, then the blank line virsh prints after a command."""
+    from virtshift.text import render_table
 
-    def line(cells: Sequence[str]) -> str:
-        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))).rstrip()
-
-    click.echo(line(headers))
-    click.echo("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))
-    for row in rows:
-        click.echo(line(row))
-    click.echo("")
+    click.echo(render_table(headers, rows))
 
 
 _HELP = """virtshift: live disk snapshots and storage migration for QEMU, with virsh's verbs.

@@ -472,6 +472,14 @@ class Driver:
     def _write_status(self, name: str, status: DomainStatus) -> None:
         write_atomic(self.status_path(name), format_status(status))
 
+    def write_status(self, name: str, status: DomainStatus) -> None:
+        """Replace the status of a running domain (caller holds the domain lock)."""
+        self._write_status(name, status)
+
+    def write_config(self, name: str, config: Domain) -> None:
+        """Replace the persistent definition (caller holds the domain lock)."""
+        write_atomic(self.config_path(name), format_domain(config, inactive=True))
+
     def _clear_runtime(self, name: str) -> None:
         remove_quietly(self.status_path(name))
         shutil.rmtree(self.domain_run_dir(name), ignore_errors=True)
@@ -588,7 +596,12 @@ def _kill(pid: int, grace: float = 5.0) -> None:
     """SIGTERM, wait, SIGKILL; returns once the process is gone."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         try:
-            os.kill(pid, sig)
+            # QEMU leads its own session (start_new_session): signal the group,
+            # so a wrapper and its QEMU go together
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait

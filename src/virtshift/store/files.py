@@ -42,8 +42,13 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     """
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left by a crash, or planted: never write through it
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, 0o600)
         try:
             view = memoryview(raw)
             while view:
