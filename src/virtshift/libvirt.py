@@ -29,7 +29,14 @@ from virtshift.model.status import DomainState
 from virtshift.runtime.driver import DomainRecord, Driver
 from virtshift.uri import resolve_uri
 
-__all__ = ["libvirtError", "open", "openReadOnly", "virConnect", "virDomain"]
+__all__ = [
+    "libvirtError",
+    "open",
+    "openReadOnly",
+    "virConnect",
+    "virDomain",
+    "virDomainSnapshot",
+]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -139,6 +146,21 @@ VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC = 128
 VIR_DOMAIN_SNAPSHOT_CREATE_LIVE = 256
 VIR_DOMAIN_SNAPSHOT_CREATE_VALIDATE = 512
 VIR_DOMAIN_SNAPSHOT_XML_SECURE = 1
+VIR_DOMAIN_SNAPSHOT_LIST_ROOTS = 1
+VIR_DOMAIN_SNAPSHOT_LIST_DESCENDANTS = 1
+VIR_DOMAIN_SNAPSHOT_LIST_METADATA = 2
+VIR_DOMAIN_SNAPSHOT_LIST_LEAVES = 4
+VIR_DOMAIN_SNAPSHOT_LIST_NO_LEAVES = 8
+VIR_DOMAIN_SNAPSHOT_LIST_NO_METADATA = 16
+VIR_DOMAIN_SNAPSHOT_LIST_INACTIVE = 32
+VIR_DOMAIN_SNAPSHOT_LIST_ACTIVE = 64
+VIR_DOMAIN_SNAPSHOT_LIST_DISK_ONLY = 128
+VIR_DOMAIN_SNAPSHOT_LIST_INTERNAL = 256
+VIR_DOMAIN_SNAPSHOT_LIST_EXTERNAL = 512
+VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL = 1024
+VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING = 1
+VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED = 2
+VIR_DOMAIN_SNAPSHOT_REVERT_FORCE = 4
 VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN = 1
 VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY = 2
 VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY = 4
@@ -267,6 +289,7 @@ class virConnect:
         self._uri = uri
         self._driver = driver
         self._open = True
+        self._snapshots: Any = None
 
     # -- connection -----------------------------------------------------------
 
@@ -295,6 +318,13 @@ class virConnect:
     def close(self) -> int:
         self._open = False
         return 0
+
+    def _snapshot_service(self) -> Any:
+        from virtshift.runtime.snapshot import Snapshots
+
+        if self._snapshots is None:
+            self._snapshots = Snapshots(self._driver)
+        return self._snapshots
 
     def __enter__(self) -> virConnect:
         return self
@@ -559,6 +589,49 @@ class virDomain:
         )
         return 0
 
+    # -- snapshots -----------------------------------------------------------------
+
+    @property
+    def _snapshots(self) -> Any:
+        return self._conn._snapshot_service()
+
+    @_api
+    def snapshotCreateXML(self, xmlDesc: str, flags: int = 0) -> virDomainSnapshot:
+        snap, kept = self._snapshots.create(self._name, xmlDesc, flags)
+        return virDomainSnapshot(self, snap.name, _detached=None if kept else snap)
+
+    @_api
+    def snapshotLookupByName(self, name: str, flags: int = 0) -> virDomainSnapshot:
+        _check_flags(flags, 0, "virDomainSnapshotLookupByName")
+        self._snapshots.get(self._name, name)
+        return virDomainSnapshot(self, name)
+
+    @_api
+    def snapshotListNames(self, flags: int = 0) -> list[str]:
+        tree, _defs = self._snapshots.load(self._record().name)
+        return list(tree.list(flags))
+
+    @_api
+    def listAllSnapshots(self, flags: int = 0) -> list[virDomainSnapshot]:
+        return [virDomainSnapshot(self, n) for n in self.snapshotListNames(flags)]
+
+    @_api
+    def snapshotNum(self, flags: int = 0) -> int:
+        tree, _defs = self._snapshots.load(self._record().name)
+        return int(tree.count(flags))
+
+    @_api
+    def snapshotCurrent(self, flags: int = 0) -> virDomainSnapshot:
+        _check_flags(flags, 0, "virDomainSnapshotCurrent")
+        tree, _defs = self._snapshots.load(self._record().name)
+        return virDomainSnapshot(self, tree.current_node().name)
+
+    @_api
+    def hasCurrentSnapshot(self, flags: int = 0) -> int:
+        _check_flags(flags, 0, "virDomainHasCurrentSnapshot")
+        tree, _defs = self._snapshots.load(self._record().name)
+        return 1 if tree.current is not None else 0
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, virDomain) and other._uuid == self._uuid
 
@@ -567,3 +640,109 @@ class virDomain:
 
     def __repr__(self) -> str:
         return f"<virDomain {self._name!r}>"
+
+
+class virDomainSnapshot:
+    """A snapshot handle (by name; metadata is read fresh on every call).
+
+    A snapshot taken with NO_METADATA is not in the tree; its handle keeps the
+    definition it was created with, answers ``getName``/``getXMLDesc`` and
+    ``hasMetadata() == 0``, and every tree call on it fails like libvirt's.
+    """
+
+    def __init__(self, dom: virDomain, name: str | None, *, _detached: Any = None) -> None:
+        self._dom = dom
+        self._conn = dom._conn
+        self._name = name or ""
+        self._detached = _detached
+
+    def domain(self) -> virDomain:
+        return self._dom
+
+    def getDomain(self) -> virDomain:
+        return self._dom
+
+    def connect(self) -> virConnect:
+        return self._conn
+
+    def getConnect(self) -> virConnect:
+        return self._conn
+
+    def getName(self) -> str:
+        return self._name
+
+    def _def(self) -> Any:
+        if self._detached is not None:
+            return self._detached, None
+        return self._dom._snapshots.get(self._dom.name(), self._name)
+
+    @_api
+    def getXMLDesc(self, flags: int = 0) -> str:
+        from virtshift.xml.snapshot import format_snapshot
+
+        _check_flags(flags, VIR_DOMAIN_SNAPSHOT_XML_SECURE, "virDomainSnapshotGetXMLDesc")
+        snap, _tree = self._def()
+        return format_snapshot(snap, domain_uuid=self._dom.UUIDString())
+
+    @_api
+    def getParent(self, flags: int = 0) -> virDomainSnapshot:
+        _check_flags(flags, 0, "virDomainSnapshotGetParent")
+        _snap, tree = self._def()
+        if tree is None:
+            raise VirtError(
+                ErrorCode.NO_DOMAIN_SNAPSHOT, f"snapshot '{self._name}' has no metadata"
+            )
+        return virDomainSnapshot(self._dom, tree.parent_of(self._name).name)
+
+    @_api
+    def isCurrent(self, flags: int = 0) -> int:
+        _check_flags(flags, 0, "virDomainSnapshotIsCurrent")
+        _snap, tree = self._def()
+        return 1 if tree is not None and tree.current == self._name else 0
+
+    @_api
+    def hasMetadata(self, flags: int = 0) -> int:
+        _check_flags(flags, 0, "virDomainSnapshotHasMetadata")
+        if self._detached is not None:
+            return 0
+        self._def()
+        return 1
+
+    @_api
+    def listChildrenNames(self, flags: int = 0) -> list[str]:
+        _snap, tree = self._def()
+        if tree is None:
+            return []
+        return list(tree.list(flags, of=self._name))
+
+    @_api
+    def listAllChildren(self, flags: int = 0) -> list[virDomainSnapshot]:
+        return [virDomainSnapshot(self._dom, n) for n in self.listChildrenNames(flags)]
+
+    @_api
+    def numChildren(self, flags: int = 0) -> int:
+        _snap, tree = self._def()
+        return 0 if tree is None else int(tree.count(flags, of=self._name))
+
+    @_api
+    def delete(self, flags: int = 0) -> int:
+        if self._detached is not None:
+            raise VirtError(
+                ErrorCode.NO_DOMAIN_SNAPSHOT,
+                f"no domain snapshot with matching name '{self._name}'",
+            )
+        self._dom._snapshots.delete(self._dom.name(), self._name, flags)
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, virDomainSnapshot)
+            and other._name == self._name
+            and other._dom == self._dom
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._dom, self._name))
+
+    def __repr__(self) -> str:
+        return f"<virDomainSnapshot {self._name!r} of {self._dom.name()!r}>"

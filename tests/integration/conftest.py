@@ -136,7 +136,9 @@ def _kill_all(root: Path) -> None:
                 b"qemu-system" in cmd
                 and str(root).encode() in Path(f"/proc/{pid}/cwd").resolve().as_posix().encode()
             ):
-                os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(
+                    pid, signal.SIGKILL
+                )
     time.sleep(0.05)
 
 

@@ -26,7 +26,12 @@ class FakeAgent:
         self.silent = False
         os.unlink(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(path)
+        # bind through the directory's descriptor: test paths can exceed sun_path
+        dirfd = os.open(os.path.dirname(path), os.O_PATH)
+        try:
+            self._sock.bind(f"/proc/self/fd/{dirfd}/{os.path.basename(path)}")
+        finally:
+            os.close(dirfd)
         self._sock.listen(4)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()

@@ -19,6 +19,7 @@ SIGTERM is passed to QEMU; the wrapper exits when QEMU does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,13 @@ def _messages(buf: bytearray) -> list[dict]:
         out.append(obj)
 
 
+def _hangup(sock: socket.socket) -> None:
+    """Close a socket another thread may be blocked on (close alone would not wake it)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
     while True:
         client, _ = listener.accept()
@@ -61,7 +69,7 @@ def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
         pending: dict[str, str] = {}
         lock = threading.Lock()
 
-        def send(sock: socket.socket, msg: dict) -> None:
+        def send(sock: socket.socket, msg: dict, lock: threading.Lock = lock) -> None:
             with lock:
                 sock.sendall(json.dumps(msg).encode() + b"\r\n")
 
@@ -73,7 +81,7 @@ def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
                 except OSError:
                     data = b""
                 if not data:
-                    client.close()
+                    _hangup(client)
                     return
                 buf += data
                 for msg in _messages(buf):
@@ -92,17 +100,27 @@ def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
             except OSError:
                 data = b""
             if not data:
-                upstream.close()
+                _hangup(upstream)
                 break
             buf += data
             for msg in _messages(buf):
                 cmd = msg.get("execute")
-                actions = msg.get("arguments", {}).get("actions", []) if cmd == "transaction" else []
+                actions = (
+                    msg.get("arguments", {}).get("actions", []) if cmd == "transaction" else []
+                )
                 blocked = cmd in hidden or any(a.get("type") in hidden for a in actions)
                 if blocked:
-                    name = cmd if cmd in hidden else next(a["type"] for a in actions if a.get("type") in hidden)
-                    reply = {"error": {"class": "CommandNotFound",
-                                       "desc": f"The command {name} has not been found"}}
+                    name = (
+                        cmd
+                        if cmd in hidden
+                        else next(a["type"] for a in actions if a.get("type") in hidden)
+                    )
+                    reply = {
+                        "error": {
+                            "class": "CommandNotFound",
+                            "desc": f"The command {name} has not been found",
+                        }
+                    }
                     if "id" in msg:
                         reply["id"] = msg["id"]
                     send(client, reply)
@@ -119,8 +137,10 @@ def main() -> int:
     argv = sys.argv[sep + 1 :]
     proxies: list[tuple[str, str]] = []
     for i, arg in enumerate(argv):
-        if arg.startswith("socket,id=char") and "server=on" in arg and (
-            "id=charmonitor," in arg or "id=charquery," in arg
+        if (
+            arg.startswith("socket,id=char")
+            and "server=on" in arg
+            and ("id=charmonitor," in arg or "id=charquery," in arg)
         ):
             parts = arg.split(",")
             for j, part in enumerate(parts):
@@ -143,7 +163,7 @@ def main() -> int:
         if all(os.path.exists(real) for _p, real in proxies):
             break
         time.sleep(0.01)
-    for (path, real), sock in zip(proxies, listeners):
+    for (path, real), sock in zip(proxies, listeners, strict=True):
         os.rename(path + ".proxy-tmp", path)
         threading.Thread(target=_serve, args=(sock, real, hidden), daemon=True).start()
     return qemu.wait()

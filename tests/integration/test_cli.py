@@ -111,3 +111,57 @@ def test_console_script_and_module(uri: str) -> None:
         res = subprocess.run([*cmd, "-c", "qemu:///system", "list"], capture_output=True, text=True)
         assert res.returncode == 4
         assert res.stderr.startswith("error: no connection driver")
+
+
+def test_snapshot_verbs_on_real_qemu(capsys, uri: str, images: Path, tmp_path: Path) -> None:
+    a = make_image(images / "a.qcow2")
+    b = make_image(images / "b.qcow2")
+    xml = tmp_path / "vm.xml"
+    xml.write_text(domain_xml("vm", [("vda", a, "qcow2"), ("vdb", b, "qcow2")]))
+    c = ("-c", uri)
+    assert run(capsys, *c, "define", str(xml))[0] == 0
+    assert run(capsys, *c, "start", "vm")[0] == 0
+    rc, out, err = run(
+        capsys, *c, "snapshot-create-as", "vm", "--name", "s1", "--description", "first",
+        "--disk-only", "--atomic",
+        "--diskspec", f"vda,snapshot=external,file={images}/a-s1.qcow2,driver=qcow2",
+        "--diskspec", "vdb,snapshot=no",
+    )  # fmt: skip
+    assert (rc, out, err) == (0, "Domain snapshot s1 created\n\n", "")
+    rc, out, _ = run(capsys, *c, "snapshot-create-as", "vm", "s2", "--disk-only")
+    assert rc == 0
+    rc, out, _ = run(capsys, *c, "domblklist", "vm")
+    rows = [ln.split() for ln in out.splitlines()[2:] if ln.strip()]
+    assert rows == [["vda", f"{images}/a-s1.s2"], ["vdb", f"{images}/b.s2"]]
+    rc, out, _ = run(capsys, *c, "snapshot-list", "vm", "--tree")
+    assert out == "s1\n  |\n  +- s2\n    \n\n"
+    rc, out, _ = run(capsys, *c, "snapshot-list", "vm", "--parent")
+    lines = out.splitlines()
+    assert lines[0].split() == ["Name", "Creation", "Time", "State", "Parent"]
+    assert lines[3].split()[0] == "s2"
+    assert lines[3].split()[-2:] == ["disk-snapshot", "s1"]
+    rc, out, _ = run(capsys, *c, "snapshot-info", "vm", "--current")
+    info = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
+    assert {k: v.strip() for k, v in info.items()} == {
+        "Name": "s2", "Domain": "vm", "Current": "yes", "State": "disk-snapshot",
+        "Location": "external", "Parent": "s1", "Children": "0", "Descendants": "0",
+        "Metadata": "yes",
+    }  # fmt: skip
+    rc, out, _ = run(capsys, *c, "snapshot-parent", "vm", "s2")
+    assert out == "s1\n"
+    rc, out, _ = run(capsys, *c, "snapshot-dumpxml", "vm", "s1")
+    doc = etree.fromstring(out.encode())
+    assert doc.findtext("description") == "first"
+    assert doc.find("disks/disk[@name='vda']/source").get("file") == f"{images}/a-s1.qcow2"
+    assert doc.find("disks/disk[@name='vdb']").get("snapshot") == "no"
+    rc, out, err = run(capsys, *c, "snapshot-create-as", "vm", "s1", "--disk-only")
+    assert rc == 1
+    assert err == "error: operation failed: domain moment s1 already exists\n\n"
+    rc, out, err = run(capsys, *c, "snapshot-dumpxml", "vm", "nope")
+    assert rc == 3
+    assert "no domain snapshot with matching name 'nope'" in err
+    rc, out, _ = run(capsys, *c, "snapshot-delete", "vm", "s1", "--metadata", "--children")
+    assert out == "Domain snapshot s1 deleted\n\n"
+    rc, out, err = run(capsys, *c, "snapshot-current", "vm", "--name")
+    assert (rc, err) == (3, "error: domain 'vm' has no current snapshot\n\n")
+    assert run(capsys, *c, "destroy", "vm")[0] == 0

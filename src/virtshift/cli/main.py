@@ -53,7 +53,8 @@ class _Fail(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        # virsh follows an error with an empty line, as it does a command's output
+        click.echo(f"error: {self.message}\n", err=True)
 
 
 def _run(fn: _F) -> _F:
@@ -523,6 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     return rv if isinstance(rv, int) else 0
 
+
+# Verb groups in their own modules register themselves on ``cli``.
+from virtshift.cli import snapshot as _snapshot  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

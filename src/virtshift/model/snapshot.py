@@ -77,8 +77,9 @@ class SnapshotDisk:
     #: no | internal | external | manual; None when unspecified (the driver
     #: then takes the domain disk's default).
     snapshot: str | None = None
-    #: Storage type of the new overlay: file | block | network; None means
-    #: unspecified (libvirt's default, 'file').
+    #: Storage type of the new overlay: file | block | network.  The parser
+    #: always sets it (libvirt's default is 'file'); None in a model built in
+    #: code means the same default.
     type: str | None = None
     #: Image format of the new overlay (``<driver type=>``).
     format: str | None = None

@@ -378,7 +378,8 @@ def plan_snapshot(
     n = next_index
     for entry in selected:
         disk = domain.disk(entry.name)
-        assert disk is not None and entry.path is not None
+        assert disk is not None
+        assert entry.path is not None
         overlays.append(
             OverlayPlan(
                 target=disk.target,

@@ -71,12 +71,14 @@ class GuestAgent:
             ) from err
         self._sock.settimeout(self.timeout)
         token = random.randint(1, 2**31 - 1)
-        self._send({"execute": "guest-sync", "arguments": {"id": token}})
-        deadline = time.monotonic() + self.timeout
-        while True:
-            reply = self._recv(deadline)
-            if reply.get("return") == token:
-                return
+        try:
+            self._send({"execute": "guest-sync", "arguments": {"id": token}})
+            deadline = time.monotonic() + self.timeout
+            while self._recv(deadline).get("return") != token:
+                pass
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._sock is not None:

@@ -607,10 +607,20 @@ def _kill(pid: int, grace: float = 5.0) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not _pid_alive(pid):
-                _CHILDREN.pop(pid, None)
+                _reap(pid)
                 return
             time.sleep(0.01)
-    _pid_alive(pid)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect a QEMU child of this process that has exited (no zombie, no warning)."""
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # still running: keep watching it
+            _CHILDREN[pid] = child
 
 
 def _log_tail(log: Path, limit: int = 2000) -> str:

@@ -22,6 +22,7 @@ Every change happens under the domain's lock.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 import stat
@@ -33,14 +34,18 @@ from typing import Any
 from virtshift.errors import ErrorCode, QMPError, VirtError
 from virtshift.model.domain import Domain
 from virtshift.model.snapshot import SnapshotDef
+from virtshift.model.snaptree import SnapNode, SnapshotTree
 from virtshift.model.status import DomainState
 from virtshift.ops.snapshot import (
+    CreateFlags,
     OverlayPlan,
     PathKind,
     SnapshotPlan,
     apply_overlays,
+    check_create_flags,
     check_paths,
     config_after,
+    plan_snapshot,
     snapshot_sync_arguments,
     transaction_actions,
 )
@@ -48,8 +53,16 @@ from virtshift.qmp.agent import GuestAgent
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver
+from virtshift.store.snapshots import SnapshotStore
+from virtshift.xml.snapshot import (
+    apply_creation_defaults,
+    check_snapshot_name,
+    format_snapshot,
+    parse_snapshot,
+    validate_snapshot_xml,
+)
 
-__all__ = ["path_kind", "take_snapshot"]
+__all__ = ["DeleteFlags", "Snapshots", "path_kind", "take_snapshot"]
 
 _log = logging.getLogger("virtshift.snapshot")
 
@@ -282,3 +295,184 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
     else:
         take_offline(driver, rec, plan)
     return plan.snapshot
+
+
+# -- the snapshot service: metadata, tree, create, delete ----------------------------
+
+
+class Snapshots:
+    """Snapshot metadata and operations of the domains of one driver.
+
+    The tree is rebuilt from the metadata files on every call (cheap: one
+    small file per snapshot), so processes never disagree about it.
+    """
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+
+    def store(self, domain: str) -> SnapshotStore:
+        return SnapshotStore(self.driver.snapshot_dir(domain))
+
+    def load(self, domain: str) -> tuple[SnapshotTree, dict[str, SnapshotDef]]:
+        """The domain's snapshot tree and definitions."""
+        defs: dict[str, SnapshotDef] = {}
+        for name, text in self.store(domain).read_all().items():
+            snap = parse_snapshot(text, redefine=True, internal=True)
+            defs[snap.name or name] = snap
+        currents = sorted(
+            (d for d in defs.values() if d.current), key=lambda d: d.creation_time or 0
+        )
+        nodes = [_node(d) for d in defs.values()]
+        tree = SnapshotTree(nodes, current=currents[-1].name if currents else None)
+        return tree, defs
+
+    def _write(self, domain: str, uuid: str, snap: SnapshotDef, *, current: bool) -> None:
+        assert snap.name is not None
+        text = format_snapshot(dataclasses.replace(snap, current=current), internal=True,
+                               domain_uuid=uuid)  # fmt: skip
+        self.store(domain).write(snap.name, text)
+
+    def _sync(self, domain: str, uuid: str, old: SnapshotTree, new: SnapshotTree,
+              defs: dict[str, SnapshotDef]) -> None:  # fmt: skip
+        """Write the files whose parent or current flag changed between two trees."""
+        for name, node in new.nodes.items():
+            before = old.nodes.get(name)
+            snap = defs[name]
+            changed_parent = before is None or before.parent != node.parent
+            changed_current = (old.current == name) != (new.current == name)
+            if changed_parent or changed_current:
+                self._write(domain, uuid, dataclasses.replace(snap, parent=node.parent),
+                            current=new.current == name)  # fmt: skip
+        for name in old.nodes:
+            if name not in new.nodes:
+                self.store(domain).remove(name)
+
+    # -- create -----------------------------------------------------------------
+
+    def create(self, domain: str, xml: str, flags: int) -> tuple[SnapshotDef, bool]:
+        """snapshotCreateXML; return the snapshot and whether metadata was kept."""
+        if flags & CreateFlags.VALIDATE:
+            validate_snapshot_xml(xml)
+        with self.driver.locked(domain, "snapshot-create") as rec:
+            check_create_flags(flags, active=rec.active)
+            if flags & CreateFlags.REDEFINE:
+                return self._redefine(rec, xml, flags), True
+            tree, defs = self.load(domain)
+            snap = apply_creation_defaults(parse_snapshot(xml), creation_time=now())
+            assert snap.name is not None
+            check_snapshot_name(snap.name)
+            if snap.name in tree:
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED, f"domain moment {snap.name} already exists"
+                )
+            before = rec.definition
+            plan = plan_snapshot(
+                before,
+                snap,
+                flags=flags,
+                caps=rec.status.caps if rec.status is not None else None,
+                next_index=rec.status.next_index if rec.status is not None else 1,
+                parent=tree.current,
+                creation_time=snap.creation_time or now(),
+                state=state_word(rec),
+            )
+            plan = dataclasses.replace(
+                plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
+            )
+            take_snapshot(self.driver, rec, plan)
+            if plan.metadata:
+                new = tree.add(_node(plan.snapshot), make_current=True)
+                self._write(domain, before.uuid, plan.snapshot, current=True)
+                self._sync(domain, before.uuid, tree, new, {**defs, snap.name: plan.snapshot})
+            return plan.snapshot, plan.metadata
+
+    def _redefine(self, rec: DomainRecord, xml: str, flags: int) -> SnapshotDef:
+        snap = parse_snapshot(xml, redefine=True)
+        assert snap.name is not None
+        check_snapshot_name(snap.name)
+        uuid = rec.definition.uuid
+        recorded_uuid = snap.domain.uuid if snap.domain is not None else snap.domain_uuid
+        if recorded_uuid and recorded_uuid.lower() != uuid.lower():
+            raise VirtError(
+                ErrorCode.INVALID_ARG,
+                f"definition for snapshot {snap.name} must use uuid {uuid}",
+            )
+        if flags & CreateFlags.DISK_ONLY and snap.state != "disk-snapshot":
+            raise VirtError(
+                ErrorCode.INVALID_ARG,
+                f"disk-only flag for snapshot {snap.name} requires disk-snapshot state",
+            )
+        tree, defs = self.load(rec.name)
+        old = defs.get(snap.name)
+        if old is not None and (old.state == "disk-snapshot") != (snap.state == "disk-snapshot"):
+            raise VirtError(
+                ErrorCode.INVALID_ARG,
+                f"cannot change between disk only and full system in snapshot {snap.name}",
+            )
+        new = tree.redefine(_node(snap), make_current=bool(flags & CreateFlags.CURRENT))
+        defs[snap.name] = snap
+        self._write(rec.name, uuid, snap, current=new.current == snap.name)
+        self._sync(rec.name, uuid, tree, new, defs)
+        return snap
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, domain: str, name: str) -> tuple[SnapshotDef, SnapshotTree]:
+        tree, defs = self.load(domain)
+        tree.get(name)  # raises NoDomainSnapshot with libvirt's message
+        return defs[name], tree
+
+    def set_current(self, domain: str, name: str) -> None:
+        with self.driver.locked(domain, "snapshot-current") as rec:
+            tree, defs = self.load(domain)
+            self._sync(domain, rec.definition.uuid, tree, tree.set_current(name), defs)
+
+    # -- delete -------------------------------------------------------------------
+
+    def delete(self, domain: str, name: str, flags: int) -> list[str]:
+        """Delete a snapshot (and/or its children); return the names removed."""
+        known = DeleteFlags.CHILDREN | DeleteFlags.METADATA_ONLY | DeleteFlags.CHILDREN_ONLY
+        if flags & ~int(known | DeleteFlags.REOPEN_MIRROR):
+            raise VirtError(
+                ErrorCode.INVALID_ARG,
+                f"unsupported flags (0x{flags & ~int(known):x}) in function "
+                "virDomainSnapshotDelete",
+            )
+        with self.driver.locked(domain, "snapshot-delete") as rec:
+            tree, defs = self.load(domain)
+            new, removed = tree.delete(
+                name,
+                children=bool(flags & DeleteFlags.CHILDREN),
+                children_only=bool(flags & DeleteFlags.CHILDREN_ONLY),
+            )
+            if not flags & DeleteFlags.METADATA_ONLY:
+                external = [n for n in removed if defs[n].is_external]
+                if external:
+                    raise VirtError(
+                        ErrorCode.CONFIG_UNSUPPORTED,
+                        f"deleting the disk data of external snapshot '{external[0]}' is not "
+                        "supported yet; use VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY "
+                        "(snapshot-delete --metadata) to drop only its metadata",
+                    )
+            self._sync(domain, rec.definition.uuid, tree, new, defs)
+            return removed
+
+
+class DeleteFlags(enum.IntFlag):
+    """``virDomainSnapshotDeleteFlags``; REOPEN_MIRROR is virtshift's (the proposal's)."""
+
+    CHILDREN = 1
+    METADATA_ONLY = 2
+    CHILDREN_ONLY = 4
+    REOPEN_MIRROR = 8
+
+
+def _node(snap: SnapshotDef) -> SnapNode:
+    assert snap.name is not None
+    return SnapNode(
+        name=snap.name,
+        parent=snap.parent,
+        creation_time=snap.creation_time or 0,
+        state=snap.state or "disk-snapshot",
+        external=snap.is_external,
+    )
