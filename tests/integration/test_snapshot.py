@@ -143,22 +143,45 @@ def test_atomic_snapshot_of_n_disks(conn, images: Path, root: Path, ndisks: int)
     dom.destroy()
 
 
-def test_atomic_failure_changes_nothing(conn, images: Path, root: Path) -> None:
-    dom = make_domain(conn, images, 3)
+@pytest.mark.parametrize("ndisks", [1, 3, 16])
+def test_atomic_failure_changes_nothing(conn, images: Path, root: Path, ndisks: int) -> None:
+    dom = make_domain(conn, images, ndisks)
     dom.snapshotCreateXML("<domainsnapshot><name>s0</name></domainsnapshot>", DISK_ONLY)
     state = observe(dom, root, images)
-    xml = f"""<domainsnapshot><name>s1</name><disks>
-        <disk name='vda' snapshot='external'><source file='{images}/a.ovl'/></disk>
-        <disk name='vdb' snapshot='external'><source file='{images}/b.ovl'/></disk>
-        <disk name='vdc' snapshot='external'><source file='{UNCREATABLE}'/></disk>
-      </disks></domainsnapshot>"""
+    # every disk but the last gets a creatable overlay; QEMU creates those
+    # files, then the last action fails and the transaction is rolled back
+    disks = "".join(
+        f"<disk name='{t}' snapshot='external'><source file='{images}/{t}.ovl'/></disk>"
+        for t in TARGETS[: ndisks - 1]
+    )
+    last = TARGETS[ndisks - 1]
+    xml = (f"<domainsnapshot><name>s1</name><disks>{disks}<disk name='{last}' "
+           f"snapshot='external'><source file='{UNCREATABLE}'/></disk></disks></domainsnapshot>")  # fmt: skip
     code, msg = code_of(lambda: dom.snapshotCreateXML(xml, DISK_ONLY | ATOMIC))
     assert code == libvirt.VIR_ERR_INTERNAL_ERROR
     assert "transaction" in msg
-    # QEMU created a.ovl and b.ovl before action 3 failed; both are gone again
     assert observe(dom, root, images) == state
+    assert not list(images.glob("*.ovl"))
     assert dom.snapshotCurrent().getName() == "s0"
     assert dom.snapshotListNames() == ["s0"]
+    dom.destroy()
+
+
+def test_per_disk_snapshot_default_from_domain_xml(conn, images: Path) -> None:
+    a, b = make_image(images / "a.qcow2"), make_image(images / "b.qcow2")
+    xml = domain_xml("vm", [("vda", a, "qcow2"), ("vdb", b, "qcow2")]).replace(
+        "<disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n"
+        f"      <source file='{b}'/>",
+        "<disk type='file' device='disk' snapshot='no'>\n      <driver name='qemu' type='qcow2'/>\n"
+        f"      <source file='{b}'/>",
+    )
+    assert "snapshot='no'" in xml
+    dom = conn.defineXML(xml)
+    dom.create()
+    snap = dom.snapshotCreateXML("<domainsnapshot><name>d</name></domainsnapshot>", DISK_ONLY)
+    assert live_sources(dom) == {"vda": [str(images / "a.d"), str(a)], "vdb": [str(b)]}
+    doc = etree.fromstring(snap.getXMLDesc().encode())
+    assert doc.find("disks/disk[@name='vdb']").get("snapshot") == "no"
     dom.destroy()
 
 
