@@ -179,6 +179,32 @@ VIR_DOMAIN_BLOCK_JOB_CANCELED = 2
 VIR_DOMAIN_BLOCK_JOB_READY = 3
 VIR_DOMAIN_EVENT_ID_BLOCK_JOB = 8
 VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2 = 16
+VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC = 1
+VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT = 2
+VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES = 1
+VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES = 1
+VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES = 64
+VIR_DOMAIN_BLOCK_REBASE_SHALLOW = 1
+VIR_DOMAIN_BLOCK_REBASE_REUSE_EXT = 2
+VIR_DOMAIN_BLOCK_REBASE_COPY_RAW = 4
+VIR_DOMAIN_BLOCK_REBASE_COPY = 8
+VIR_DOMAIN_BLOCK_REBASE_RELATIVE = 16
+VIR_DOMAIN_BLOCK_REBASE_COPY_DEV = 32
+VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES = 64
+VIR_DOMAIN_BLOCK_COPY_SHALLOW = 1
+VIR_DOMAIN_BLOCK_COPY_REUSE_EXT = 2
+VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB = 4
+VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES = 8
+VIR_DOMAIN_BLOCK_COPY_BANDWIDTH = "bandwidth"
+VIR_DOMAIN_BLOCK_COPY_GRANULARITY = "granularity"
+VIR_DOMAIN_BLOCK_COPY_BUF_SIZE = "buf-size"
+VIR_DOMAIN_BLOCK_COMMIT_SHALLOW = 1
+VIR_DOMAIN_BLOCK_COMMIT_DELETE = 2
+VIR_DOMAIN_BLOCK_COMMIT_ACTIVE = 4
+VIR_DOMAIN_BLOCK_COMMIT_RELATIVE = 8
+VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES = 16
+
+_MIB = 1024 * 1024
 
 
 _STATE_REASON: dict[tuple[DomainState, str], int] = {
@@ -204,9 +230,18 @@ class libvirtError(Exception):
     def _from(cls, error: VirtError) -> libvirtError:
         return cls(
             error.message,
-            err=(int(error.code), int(error.domain), error.message, VIR_ERR_ERROR,
-                 error.detail, None, None, -1, -1),
-        )  # fmt: skip
+            err=(
+                int(error.code),
+                int(error.domain),
+                error.message,
+                VIR_ERR_ERROR,
+                error.detail,
+                None,
+                None,
+                -1,
+                -1,
+            ),
+        )
 
     def get_error_code(self) -> int | None:
         return None if self.err is None else int(self.err[0])
@@ -274,6 +309,27 @@ def openReadOnly(name: str | None = None) -> virConnect:
     return virConnect(uri, Driver(root))
 
 
+def virEventRegisterDefaultImpl() -> int:
+    """Set up the event loop that delivers domain events (call once)."""
+    from virtshift.runtime.events import default_loop
+
+    default_loop(create=True)
+    return 0
+
+
+def virEventRunDefaultImpl() -> int:
+    """Run one iteration of the event loop (call it in a loop, as with libvirt)."""
+    from virtshift.runtime.events import default_loop
+
+    loop = default_loop()
+    if loop is None:
+        raise libvirtError._from(
+            VirtError(ErrorCode.INTERNAL_ERROR, "virEventRegisterDefaultImpl() was not called")
+        )
+    loop.run_once()
+    return 0
+
+
 def getVersion() -> int:
     """virtshift's version as libvirt encodes it (major*1e6 + minor*1e3 + micro)."""
     from virtshift import __version__
@@ -290,6 +346,8 @@ class virConnect:
         self._driver = driver
         self._open = True
         self._snapshots: Any = None
+        self._jobs: Any = None
+        self.domainEventCallbackID: dict[int, Any] = {}
 
     # -- connection -----------------------------------------------------------
 
@@ -318,6 +376,13 @@ class virConnect:
     def close(self) -> int:
         self._open = False
         return 0
+
+    def _job_service(self) -> Any:
+        from virtshift.runtime.blockjob import BlockJobOps
+
+        if self._jobs is None:
+            self._jobs = BlockJobOps(self._driver)
+        return self._jobs
 
     def _snapshot_service(self) -> Any:
         from virtshift.runtime.snapshot import Snapshots
@@ -400,6 +465,39 @@ class virConnect:
     @_api
     def numOfDefinedDomains(self) -> int:
         return len(self.listDefinedDomains())
+
+    @_api
+    def domainEventRegisterAny(
+        self,
+        dom: virDomain | None,
+        eventID: int,
+        cb: Any,
+        opaque: Any,
+    ) -> int:
+        """Register a callback; block-job events (IDs 8 and 16) are delivered by
+        ``virEventRunDefaultImpl``."""
+        from virtshift.runtime.events import default_loop
+
+        loop = default_loop()
+        if loop is None:
+            raise VirtError(
+                ErrorCode.INTERNAL_ERROR,
+                "could not find event loop: call virEventRegisterDefaultImpl() first",
+            )
+        if eventID not in (VIR_DOMAIN_EVENT_ID_BLOCK_JOB, VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2):
+            raise VirtError(ErrorCode.ARGUMENT_UNSUPPORTED, f"event {eventID} is not supported")
+        ident = loop.register(self, dom, eventID, cb, opaque)
+        self.domainEventCallbackID[ident] = opaque
+        return ident
+
+    @_api
+    def domainEventDeregisterAny(self, callbackID: int) -> None:
+        from virtshift.runtime.events import default_loop
+
+        loop = default_loop()
+        if loop is None or not loop.deregister(callbackID):
+            raise VirtError(ErrorCode.INVALID_ARG, f"could not find event callback {callbackID}")
+        self.domainEventCallbackID.pop(callbackID, None)
 
     @_api
     def getDomainCapabilities(
@@ -523,10 +621,12 @@ class virDomain:
 
         _check_flags(
             flags,
-            VIR_DOMAIN_XML_SECURE | VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_UPDATE_CPU
+            VIR_DOMAIN_XML_SECURE
+            | VIR_DOMAIN_XML_INACTIVE
+            | VIR_DOMAIN_XML_UPDATE_CPU
             | VIR_DOMAIN_XML_MIGRATABLE,
             "virDomainGetXMLDesc",
-        )  # fmt: skip
+        )
         rec = self._record()
         if flags & VIR_DOMAIN_XML_INACTIVE:
             if rec.config is not None:
@@ -579,11 +679,13 @@ class virDomain:
     def undefineFlags(self, flags: int = 0) -> int:
         _check_flags(
             flags,
-            VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | VIR_DOMAIN_UNDEFINE_NVRAM | VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+            VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | VIR_DOMAIN_UNDEFINE_NVRAM
+            | VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
             | VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
             "virDomainUndefineFlags",
-        )  # fmt: skip
+        )
         self._driver.undefine(
             self._name, snapshots_metadata=bool(flags & VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         )
@@ -631,6 +733,181 @@ class virDomain:
         _check_flags(flags, 0, "virDomainHasCurrentSnapshot")
         tree, _defs = self._snapshots.load(self._record().name)
         return 1 if tree.current is not None else 0
+
+    # -- block jobs ------------------------------------------------------------------
+
+    @property
+    def _jobs(self) -> Any:
+        return self._conn._job_service()
+
+    @_api
+    def blockPull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        _check_flags(flags, VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES, "virDomainBlockPull")
+        self._jobs.pull(self._name, disk, None, bandwidth, flags)
+        return 0
+
+    @_api
+    def snapshotRebase(
+        self, disk: str, base: str | None, bandwidth: int = 0, flags: int = 0
+    ) -> int:
+        """The proposal's virDomainSnapshotRebase: stream into the active layer
+        everything above ``base``, which becomes its backing file (R8)."""
+        _check_flags(flags, VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES, "virDomainSnapshotRebase")
+        self._jobs.pull(self._name, disk, base, bandwidth, flags)
+        return 0
+
+    @_api
+    def blockRebase(self, disk: str, base: str | None, bandwidth: int = 0, flags: int = 0) -> int:
+        _check_flags(
+            flags,
+            VIR_DOMAIN_BLOCK_REBASE_SHALLOW
+            | VIR_DOMAIN_BLOCK_REBASE_REUSE_EXT
+            | VIR_DOMAIN_BLOCK_REBASE_COPY_RAW
+            | VIR_DOMAIN_BLOCK_REBASE_COPY
+            | VIR_DOMAIN_BLOCK_REBASE_RELATIVE
+            | VIR_DOMAIN_BLOCK_REBASE_COPY_DEV
+            | VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES,
+            "virDomainBlockRebase",
+        )
+        if not flags & VIR_DOMAIN_BLOCK_REBASE_COPY:
+            if flags & (
+                VIR_DOMAIN_BLOCK_REBASE_SHALLOW
+                | VIR_DOMAIN_BLOCK_REBASE_REUSE_EXT
+                | VIR_DOMAIN_BLOCK_REBASE_COPY_RAW
+                | VIR_DOMAIN_BLOCK_REBASE_COPY_DEV
+            ):
+                raise VirtError(
+                    ErrorCode.INVALID_ARG, "flags only valid with VIR_DOMAIN_BLOCK_REBASE_COPY"
+                )
+            self._jobs.pull(self._name, disk, base, bandwidth, flags)
+            return 0
+        from virtshift.model.domain import StorageSource
+
+        if base is None:
+            raise VirtError(ErrorCode.INVALID_ARG, "block copy needs a destination path")
+        if flags & VIR_DOMAIN_BLOCK_REBASE_RELATIVE:
+            raise VirtError(
+                ErrorCode.ARGUMENT_UNSUPPORTED, "Relative backing during copy not supported yet"
+            )
+        dest = StorageSource(
+            type="block" if flags & VIR_DOMAIN_BLOCK_REBASE_COPY_DEV else "file",
+            path=base,
+            format="raw" if flags & VIR_DOMAIN_BLOCK_REBASE_COPY_RAW else None,
+        )
+        speed = bandwidth if flags & VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES else bandwidth * _MIB
+        from virtshift.ops.blockjob import bandwidth_bytes
+
+        bandwidth_bytes(bandwidth, in_bytes=bool(flags & VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES))
+        copy_flags = (
+            VIR_DOMAIN_BLOCK_COPY_SHALLOW if flags & VIR_DOMAIN_BLOCK_REBASE_SHALLOW else 0
+        ) | (VIR_DOMAIN_BLOCK_COPY_REUSE_EXT if flags & VIR_DOMAIN_BLOCK_REBASE_REUSE_EXT else 0)
+        self._jobs.copy(
+            self._name,
+            disk,
+            dest,
+            flags=copy_flags,
+            bandwidth=speed,
+            granularity=None,
+            buf_size=None,
+        )
+        return 0
+
+    @_api
+    def blockCopy(
+        self, disk: str, destxml: str, params: dict[str, Any] | None = None, flags: int = 0
+    ) -> int:
+        from virtshift.xml.domain import parse_disk_source
+
+        if params is not None and not isinstance(params, dict):
+            raise TypeError("block params must be a dictionary")
+        _check_flags(
+            flags,
+            VIR_DOMAIN_BLOCK_COPY_SHALLOW
+            | VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+            | VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+            | VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES,
+            "virDomainBlockCopy",
+        )
+        params = params or {}
+        unknown = set(params) - {"bandwidth", "granularity", "buf-size"}
+        if unknown:
+            raise VirtError(
+                ErrorCode.INVALID_ARG, f"unsupported block copy parameter '{sorted(unknown)[0]}'"
+            )
+        for key in params:
+            if not isinstance(params[key], int) or isinstance(params[key], bool):
+                raise VirtError(
+                    ErrorCode.INVALID_ARG, f"block copy parameter '{key}' must be an integer"
+                )
+        dest = parse_disk_source(destxml)
+        self._jobs.copy(
+            self._name,
+            disk,
+            dest,
+            flags=flags,
+            bandwidth=int(params.get("bandwidth", 0)),
+            granularity=params.get("granularity"),
+            buf_size=params.get("buf-size"),
+        )
+        return 0
+
+    @_api
+    def blockCommit(
+        self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
+    ) -> int:
+        _check_flags(
+            flags,
+            VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+            | VIR_DOMAIN_BLOCK_COMMIT_DELETE
+            | VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+            | VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
+            | VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES,
+            "virDomainBlockCommit",
+        )
+        self._jobs.commit(self._name, disk, base, top, bandwidth, flags)
+        return 0
+
+    @_api
+    def blockJobAbort(self, disk: str, flags: int = 0) -> int:
+        _check_flags(
+            flags,
+            VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC | VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+            "virDomainBlockJobAbort",
+        )
+        self._jobs.abort_disk(
+            self._name,
+            disk,
+            pivot=bool(flags & VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+            asynchronous=bool(flags & VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC),
+        )
+        return 0
+
+    @_api
+    def blockJobInfo(self, path: str, flags: int = 0) -> dict[str, int]:
+        _check_flags(flags, VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES, "virDomainGetBlockJobInfo")
+        info = self._jobs.info(self._name, path)
+        if info is None:
+            return {}
+        if not flags & VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
+            info["bandwidth"] = info["bandwidth"] // _MIB
+        return dict(info)
+
+    @_api
+    def blockJobSetSpeed(self, disk: str, bandwidth: int, flags: int = 0) -> int:
+        from virtshift.ops.blockjob import bandwidth_bytes
+
+        _check_flags(flags, VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES, "virDomainBlockJobSetSpeed")
+        speed = bandwidth_bytes(
+            bandwidth, in_bytes=bool(flags & VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
+        )
+        self._jobs.set_speed_disk(self._name, disk, speed)
+        return 0
+
+    @_api
+    def blockInfo(self, path: str, flags: int = 0) -> list[int]:
+        """[capacity, allocation, physical] of the disk's active layer."""
+        _check_flags(flags, 0, "virDomainGetBlockInfo")
+        return list(self._jobs.block_info(self._name, path))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, virDomain) and other._uuid == self._uuid

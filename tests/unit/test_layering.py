@@ -1,7 +1,9 @@
 """The import rule of docs/ARCHITECTURE.md: pure layers never reach for IO layers.
 
-``model``, ``xml`` and the planners in ``ops`` must not import ``qmp.client``,
-``runtime``, ``store`` or ``cli``; ``qmp`` must not import ``runtime`` or ``cli``.
+``model``, ``xml``, ``jobs`` and the planners in ``ops`` must not import
+``qmp.client``, ``runtime``, ``store`` or ``cli``; ``qmp`` must not import
+``runtime`` or ``cli``.  ``jobs`` may use nothing of virtshift but ``model``,
+``errors`` and itself.
 The check walks every module's imports (ast), so it also catches imports
 inside functions.
 """
@@ -43,6 +45,13 @@ FORBIDDEN = {
     "qmp": ("virtshift.runtime", "virtshift.store", "virtshift.cli", "virtshift.libvirt"),
     "store": ("virtshift.qmp", "virtshift.runtime", "virtshift.cli", "virtshift.libvirt"),
 }
+# jobs follows the rule of model.
+FORBIDDEN["jobs"] = FORBIDDEN["model"]
+
+#: Layers that may import only these virtshift modules (and their own).
+ALLOWED = {
+    "jobs": ("virtshift.model", "virtshift.errors", "virtshift.jobs"),
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -64,6 +73,20 @@ def test_layer_imports(layer: str) -> None:
         for f in files
         for imp in _imports(f)
         if any(imp == p or imp.startswith(p + ".") for p in FORBIDDEN[layer])
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layer_allowed_imports(layer: str) -> None:
+    files = sorted((SRC / layer).glob("*.py"))
+    assert files, f"layer {layer} has no modules"
+    bad = [
+        f"{f.relative_to(SRC)} imports {imp}"
+        for f in files
+        for imp in _imports(f)
+        if (imp == "virtshift" or imp.startswith("virtshift."))
+        and not any(imp == p or imp.startswith(p + ".") for p in ALLOWED[layer])
     ]
     assert bad == []
 

@@ -325,8 +325,11 @@ def snapshot_info(ctx: click.Context, domain: str, snapshotname: str | None, cur
 @click.option("--children", is_flag=True, help="Also delete its descendants.")
 @click.option("--children-only", is_flag=True, help="Delete only its descendants.")
 @click.option("--metadata", is_flag=True, help="Delete metadata only; keep the images.")
-@click.option("--reopen-mirror", is_flag=True,
-              help="Pivot mirrored disks onto their mirrors, then drop the snapshot.")  # fmt: skip
+@click.option(
+    "--reopen-mirror",
+    is_flag=True,
+    help="Pivot mirrored disks onto their mirrors, then drop the snapshot.",
+)
 @click.pass_context
 @_run
 def snapshot_delete(

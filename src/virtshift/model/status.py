@@ -3,7 +3,8 @@
 A :class:`DomainStatus` is what a later process needs to take over a QEMU that
 an earlier process started: the pid (checked against the command line before
 anything is signalled), the monitor sockets, the capabilities probed at start,
-the next free chain index and the live domain definition.
+the next free chain index, the live domain definition and the block jobs
+recorded for it.
 
 No IO here; :mod:`virtshift.xml.status` reads and writes the file.
 """
@@ -14,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from virtshift.model.domain import Domain
+from virtshift.model.job import BlockJob
 
 __all__ = ["DomainState", "DomainStatus", "QemuCaps"]
 
@@ -104,3 +106,5 @@ class DomainStatus:
     next_index: int = 1
     #: The live definition (aliases, chains with index and node names).
     domain: Domain = field(default_factory=Domain)
+    #: Recorded block jobs, in the order they were started (see :mod:`virtshift.jobs`).
+    jobs: tuple[BlockJob, ...] = ()

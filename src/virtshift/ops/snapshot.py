@@ -459,6 +459,26 @@ def check_paths(
                 f"block device: {ov.path}",
                 domain=ErrorDomain.QEMU,
             )
+        if ov.mirror is None:
+            continue
+        mkind = kinds[ov.mirror.path]
+        if not dirs[ov.mirror.path]:
+            raise VirtError(
+                ErrorCode.INVALID_ARG,
+                f"directory of mirror '{ov.mirror.path}' for disk '{ov.target}' does not exist",
+            )
+        if plan.reuse and mkind not in (PathKind.FILE, PathKind.BLOCK):
+            raise VirtError(
+                ErrorCode.OPERATION_INVALID,
+                f"mirror '{ov.mirror.path}' for disk {ov.target} does not exist "
+                "(VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT needs it)",
+            )
+        if not plan.reuse and mkind not in (PathKind.MISSING, PathKind.BLOCK):
+            raise VirtError(
+                ErrorCode.CONFIG_UNSUPPORTED,
+                f"mirror file for disk {ov.target} already exists and is not a block device: "
+                f"{ov.mirror.path}",
+            )
 
 
 def snapshot_sync_arguments(ov: OverlayPlan, *, reuse: bool) -> dict[str, Any]:

@@ -28,14 +28,24 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from virtshift.errors import ErrorCode, QMPError, VirtError
-from virtshift.model.domain import Domain
+from virtshift.model.domain import Domain, StorageSource
+from virtshift.model.job import JobState
 from virtshift.model.snapshot import SnapshotDef
 from virtshift.model.snaptree import SnapNode, SnapshotTree
 from virtshift.model.status import DomainState
+from virtshift.ops import blockjob as plans
+from virtshift.ops.blockjob import (
+    COMMIT_ACTIVE,
+    COMMIT_DELETE,
+    COMMIT_SHALLOW,
+    COPY_REUSE_EXT,
+    COPY_SHALLOW,
+)
 from virtshift.ops.snapshot import (
     CreateFlags,
     OverlayPlan,
@@ -88,14 +98,18 @@ def path_kind(path: str) -> PathKind:
 
 def preflight(plan: SnapshotPlan) -> dict[str, PathKind]:
     """Look at every overlay path and check the plan against it; return the kinds."""
-    kinds = {ov.path: path_kind(ov.path) for ov in plan.overlays}
-    dirs = {ov.path: os.path.isdir(os.path.dirname(ov.path)) for ov in plan.overlays}
+    paths = [ov.path for ov in plan.overlays] + [
+        ov.mirror.path for ov in plan.overlays if ov.mirror is not None
+    ]
+    kinds = {p: path_kind(p) for p in paths}
+    dirs = {p: os.path.isdir(os.path.dirname(p)) for p in paths}
     check_paths(plan, kinds, dirs)
     return kinds
 
 
-def _remove_created(overlays: list[OverlayPlan] | tuple[OverlayPlan, ...],
-                    before: dict[str, PathKind]) -> list[str]:  # fmt: skip
+def _remove_created(
+    overlays: list[OverlayPlan] | tuple[OverlayPlan, ...], before: dict[str, PathKind]
+) -> list[str]:
     """Remove overlay files that did not exist before this call; return them."""
     removed = []
     for ov in overlays:
@@ -246,8 +260,18 @@ def take_offline(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Domai
                 continue
             base = ov.backing
             assert base.path is not None
-            argv = ["qemu-img", "create", "-q", "-f", ov.format, "-b", base.path,
-                    "-F", base.format or "raw", ov.path]  # fmt: skip
+            argv = [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                ov.format,
+                "-b",
+                base.path,
+                "-F",
+                base.format or "raw",
+                ov.path,
+            ]
             res = subprocess.run(argv, capture_output=True, text=True, check=False)
             made.append(ov)
             if res.returncode != 0:
@@ -287,14 +311,123 @@ def ensure_snapshot_dir(driver: Driver, name: str) -> Path:
 
 
 def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> SnapshotDef:
-    """Execute ``plan`` on the domain of ``rec`` (lock held by the caller)."""
-    if plan.live:
-        assert rec.status is not None
-        with Monitor(rec.status.monitor).connect() as mon:
-            take_live(driver, rec, plan, mon)
-    else:
+    """Execute ``plan`` on the domain of ``rec`` (lock held by the caller).
+
+    A disk with a ``<mirror>`` (R5) gets its mirror job right after the
+    transaction; if the job cannot start, the snapshot is undone (each new
+    overlay is committed back into its backing and pivoted away), what was
+    created is removed, and the error is raised: ATOMIC still holds.
+    """
+    if not plan.live:
         take_offline(driver, rec, plan)
+        return plan.snapshot
+    assert rec.status is not None
+    from virtshift.runtime.blockjob import BlockJobOps
+
+    jobs = BlockJobOps(driver)
+    with Monitor(rec.status.monitor).connect() as mon:
+        jobs.reconcile(rec.name, mon)
+        rec = driver.record(rec.name)
+        before = preflight(plan)
+        take_live(driver, rec, plan, mon)
+        mirrored = [ov for ov in plan.overlays if ov.mirror is not None]
+        for ov in mirrored:
+            assert ov.mirror is not None
+            dest = StorageSource(
+                type=ov.mirror.type, path=ov.mirror.path, format=ov.mirror.format or "qcow2"
+            )
+            flags = COPY_SHALLOW | (COPY_REUSE_EXT if plan.reuse else 0)
+            try:
+                st = driver.record(rec.name).status
+                assert st is not None
+                jobs.start_copy(
+                    rec.name,
+                    mon,
+                    st,
+                    ov.target,
+                    dest,
+                    flags=flags,
+                    bandwidth=0,
+                    granularity=None,
+                    buf_size=None,
+                    snapshot=plan.snapshot.name,
+                )
+            except VirtError as err:
+                _log.error(
+                    "mirror of disk '%s' did not start (%s): undoing the snapshot", ov.target, err
+                )
+                undo_overlays(driver, rec, plan, mon, before)
+                raise VirtError(
+                    err.code,
+                    f"{err.detail}; the mirror of disk '{ov.target}' could not start, so the "
+                    "snapshot was undone and nothing changed",
+                ) from err
     return plan.snapshot
+
+
+def _job_event(job_id: str, *names: str) -> Callable[[dict[str, Any]], bool]:
+    def match(event: dict[str, Any]) -> bool:
+        data = event.get("data")
+        return (
+            event.get("event") in names and isinstance(data, dict) and data.get("device") == job_id
+        )
+
+    return match
+
+
+def undo_overlays(
+    driver: Driver,
+    rec: DomainRecord,
+    plan: SnapshotPlan,
+    mon: Monitor,
+    before: dict[str, PathKind],
+) -> None:
+    """Take the snapshot's overlays out again: active commit of each new overlay into
+    its old top, pivot, then restore the status and definition and remove the files.
+    Guest writes made meanwhile end up in the old top: nothing is lost."""
+    assert rec.status is not None
+    for ov in plan.overlays:
+        jid = f"undo-{ov.target}-{ov.new_node}"
+        mon.execute(
+            "block-commit",
+            {
+                "job-id": jid,
+                "device": ov.new_node,
+                "top-node": ov.new_node,
+                "base-node": ov.node,
+                "auto-dismiss": False,
+            },
+        )
+        ready = mon.wait_event(_job_event(jid, "BLOCK_JOB_READY"), timeout=60)
+        if ready is None:
+            raise VirtError(
+                ErrorCode.INTERNAL_ERROR,
+                f"undo of the snapshot of disk '{ov.target}' "
+                "did not become ready; the disk stays on its new overlay",
+            )
+        mon.execute("block-job-complete", {"device": jid})
+        done = mon.wait_event(
+            _job_event(jid, "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), timeout=60
+        )
+        mon.execute("job-dismiss", {"id": jid})
+        if done is None or done["data"].get("error"):
+            raise VirtError(
+                ErrorCode.INTERNAL_ERROR,
+                f"undo of the snapshot of disk '{ov.target}' "
+                f"failed: {done['data'].get('error') if done else 'no end'}",
+            )
+    current = driver.record(rec.name).status
+    assert current is not None
+    driver.write_status(
+        rec.name, dataclasses.replace(rec.status, jobs=current.jobs, next_index=current.next_index)
+    )
+    if rec.config is not None:
+        driver.write_config(rec.name, rec.config)
+    _remove_created(plan.overlays, before)
+    _remove_created(
+        [dataclasses.replace(ov, path=ov.mirror.path) for ov in plan.overlays if ov.mirror],
+        before,
+    )
 
 
 # -- the snapshot service: metadata, tree, create, delete ----------------------------
@@ -328,12 +461,19 @@ class Snapshots:
 
     def _write(self, domain: str, uuid: str, snap: SnapshotDef, *, current: bool) -> None:
         assert snap.name is not None
-        text = format_snapshot(dataclasses.replace(snap, current=current), internal=True,
-                               domain_uuid=uuid)  # fmt: skip
+        text = format_snapshot(
+            dataclasses.replace(snap, current=current), internal=True, domain_uuid=uuid
+        )
         self.store(domain).write(snap.name, text)
 
-    def _sync(self, domain: str, uuid: str, old: SnapshotTree, new: SnapshotTree,
-              defs: dict[str, SnapshotDef]) -> None:  # fmt: skip
+    def _sync(
+        self,
+        domain: str,
+        uuid: str,
+        old: SnapshotTree,
+        new: SnapshotTree,
+        defs: dict[str, SnapshotDef],
+    ) -> None:
         """Write the files whose parent or current flag changed between two trees."""
         for name, node in new.nodes.items():
             before = old.nodes.get(name)
@@ -341,8 +481,12 @@ class Snapshots:
             changed_parent = before is None or before.parent != node.parent
             changed_current = (old.current == name) != (new.current == name)
             if changed_parent or changed_current:
-                self._write(domain, uuid, dataclasses.replace(snap, parent=node.parent),
-                            current=new.current == name)  # fmt: skip
+                self._write(
+                    domain,
+                    uuid,
+                    dataclasses.replace(snap, parent=node.parent),
+                    current=new.current == name,
+                )
         for name in old.nodes:
             if name not in new.nodes:
                 self.store(domain).remove(name)
@@ -430,14 +574,30 @@ class Snapshots:
     # -- delete -------------------------------------------------------------------
 
     def delete(self, domain: str, name: str, flags: int) -> list[str]:
-        """Delete a snapshot (and/or its children); return the names removed."""
+        """Delete a snapshot (and/or its children); return the names removed.
+
+        * METADATA_ONLY: only the metadata goes;
+        * REOPEN_MIRROR (the proposal's R7): pivot every mirrored disk of the
+          current snapshot onto its verified mirror, then drop the snapshot;
+        * otherwise the data of an external snapshot is merged the way libvirt
+          9 does: the overlay the snapshot created is committed into the image
+          it captured and deleted (active commit + pivot when it is the active
+          layer).
+        """
         known = DeleteFlags.CHILDREN | DeleteFlags.METADATA_ONLY | DeleteFlags.CHILDREN_ONLY
         if flags & ~int(known | DeleteFlags.REOPEN_MIRROR):
             raise VirtError(
                 ErrorCode.INVALID_ARG,
-                f"unsupported flags (0x{flags & ~int(known):x}) in function "
-                "virDomainSnapshotDelete",
+                f"unsupported flags (0x{flags & ~int(known | DeleteFlags.REOPEN_MIRROR):x}) in "
+                "function virDomainSnapshotDelete",
             )
+        if flags & DeleteFlags.REOPEN_MIRROR:
+            if flags & known:
+                raise VirtError(
+                    ErrorCode.INVALID_ARG,
+                    "VIR_DOMAIN_SNAPSHOT_DELETE_REOPEN_MIRROR cannot be combined with other flags",
+                )
+            return self._reopen_mirror(domain, name)
         with self.driver.locked(domain, "snapshot-delete") as rec:
             tree, defs = self.load(domain)
             new, removed = tree.delete(
@@ -447,13 +607,118 @@ class Snapshots:
             )
             if not flags & DeleteFlags.METADATA_ONLY:
                 external = [n for n in removed if defs[n].is_external]
-                if external:
+                if len(external) > 1 or (external and tree.children(external[0])):
                     raise VirtError(
                         ErrorCode.CONFIG_UNSUPPORTED,
-                        f"deleting the disk data of external snapshot '{external[0]}' is not "
-                        "supported yet; use VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY "
-                        "(snapshot-delete --metadata) to drop only its metadata",
+                        "deletion of external disk snapshots with children not supported; "
+                        "delete the children first, or only the metadata "
+                        "(VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)",
                     )
+                if external:
+                    self._merge(rec, defs[external[0]])
+            self._sync(domain, rec.definition.uuid, tree, new, defs)
+            return removed
+
+    def _merge(self, rec: DomainRecord, snap: SnapshotDef) -> None:
+        """Commit each overlay the snapshot created into the image it captured."""
+        from virtshift.runtime.blockjob import BlockJobOps
+
+        if rec.status is None:
+            raise VirtError(
+                ErrorCode.OPERATION_INVALID,
+                "deleting the data of an external snapshot needs a running domain; delete "
+                "only the metadata (VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY) or start it",
+            )
+        live = rec.status.domain
+        work: list[tuple[str, str, bool]] = []  # (disk, overlay path, is active layer)
+        for sd in snap.disks:
+            if not sd.is_external or sd.path is None:
+                continue
+            disk = live.disk(sd.name)
+            chain = disk.source.chain() if disk is not None else []
+            pos = next((i for i, x in enumerate(chain) if x.path == sd.path), None)
+            if disk is None or pos is None or pos + 1 >= len(chain):
+                raise VirtError(
+                    ErrorCode.CONFIG_UNSUPPORTED,
+                    f"deletion of non-leaf external snapshot that is not in active chain is not "
+                    f"supported (disk '{sd.name}', overlay '{sd.path}')",
+                )
+            work.append((disk.target, sd.path, pos == 0))
+        jobs = BlockJobOps(self.driver)
+        with Monitor(rec.status.monitor).connect() as mon:
+            jobs.reconcile(rec.name, mon)
+            for target, path, active in work:
+                st = self.driver.record(rec.name).status
+                assert st is not None
+                commit_flags = COMMIT_SHALLOW | COMMIT_DELETE | (COMMIT_ACTIVE if active else 0)
+                plan = plans.plan_commit(
+                    st.domain,
+                    target,
+                    None,
+                    path,
+                    bandwidth=0,
+                    flags=commit_flags,
+                    jobs=st.jobs,
+                    now=now(),
+                )
+                job = jobs.start(rec.name, mon, plan)
+                if active:
+                    job = jobs.wait_ready_locked(rec.name, mon, job)
+                    jobs.pivot(rec.name, mon, job)
+                else:
+                    jobs.wait_end_locked(rec.name, mon, job)
+
+    def _reopen_mirror(self, domain: str, name: str) -> list[str]:
+        from virtshift.runtime.blockjob import BlockJobOps
+
+        with self.driver.locked(domain, "snapshot-delete reopen-mirror") as rec:
+            tree, defs = self.load(domain)
+            snap = defs.get(name)
+            if snap is None:
+                tree.get(name)  # raises NoDomainSnapshot
+            assert snap is not None
+            if tree.current != name:
+                raise VirtError(
+                    ErrorCode.OPERATION_INVALID,
+                    f"snapshot '{name}' is not the current snapshot; "
+                    "VIR_DOMAIN_SNAPSHOT_DELETE_REOPEN_MIRROR needs the current one",
+                )
+            mirrored = [d for d in snap.disks if d.mirror is not None]
+            if not mirrored:
+                raise VirtError(
+                    ErrorCode.OPERATION_INVALID, f"snapshot '{name}' has no mirrored disk"
+                )
+            if rec.status is None:
+                raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
+            jobs = BlockJobOps(self.driver)
+            with Monitor(rec.status.monitor).connect() as mon:
+                jobs.reconcile(domain, mon)
+                st = self.driver.record(domain).status
+                assert st is not None
+                todo = []
+                for d in mirrored:
+                    job = next(
+                        (
+                            j
+                            for j in st.jobs
+                            if j.snapshot == name and j.disk == d.name and not j.state.ended
+                        ),
+                        None,
+                    )
+                    if job is None:
+                        raise VirtError(
+                            ErrorCode.OPERATION_INVALID,
+                            f"the mirror of disk '{d.name}' of snapshot '{name}' is not running",
+                        )
+                    if job.state != JobState.READY:
+                        raise VirtError(
+                            ErrorCode.BLOCK_COPY_ACTIVE,
+                            f"block job '{d.name}' not ready for pivot yet",
+                        )
+                    todo.append(job)
+                for job in todo:
+                    jobs.pivot(domain, mon, job)
+            new, removed = tree.delete(name, children=False, children_only=False)
             self._sync(domain, rec.definition.uuid, tree, new, defs)
             return removed
 

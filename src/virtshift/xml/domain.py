@@ -955,3 +955,25 @@ def format_domain(dom: Domain, *, inactive: bool = False) -> str:
     :return: the document, ending with a newline.
     """
     return serialize_document(_domain_element(dom, inactive=inactive))
+
+
+def parse_disk_source(text: str | bytes) -> StorageSource:
+    """The destination of ``blockCopy``: a ``<disk type='file|block'>`` with
+    ``<source file|dev=>`` and an optional ``<driver type=>``.
+
+    :raise VirtError: XML_ERROR for malformed XML, a missing or relative path,
+        an unsupported disk type.
+    """
+    root = parse_document(text, what="block copy destination", root_tag="disk")
+    typ = root.get("type", "file")
+    if typ not in ("file", "block"):
+        raise _xml_error(f"block copy destination of type '{typ}' is not supported")
+    src = root.find("source")
+    path = _source_path(src, typ)
+    if not path:
+        raise _xml_error("block copy destination needs <source file=...> or <source dev=...>")
+    if not path.startswith("/"):
+        raise VirtError(ErrorCode.INVALID_ARG, "absolute path must be used as block copy target")
+    drv = root.find("driver")
+    fmt = drv.get("type") if drv is not None else None
+    return StorageSource(type=typ, path=path, format=fmt, tree=src)

@@ -1,0 +1,703 @@
+"""Running block jobs: start, reconcile, pivot, abort, speed, info, wait.
+
+Lifecycle (STYLE.md section 5): a job is recorded NEW in the status file, then
+its QMP command is sent (``auto-dismiss: false``, so a concluded job stays
+visible to a process that was not connected), then it is saved RUNNING.  Its
+end is applied by whichever process next holds the domain lock: every locked
+operation first reconciles the recorded jobs with ``query-jobs``
+(:func:`virtshift.jobs.reconcile.reconcile`) and carries out the effects the
+state machine returns.  So a job survives the process that started it: a later
+process can query, pivot or abort it, and finishes it when QEMU says it ended.
+
+Pivots never trust QEMU blindly: a reused destination's backing chain is read
+from the files and verified (present, formats recorded and equal, virtual
+sizes equal) before it is attached and ``block-job-complete`` is sent, and
+after the job ends the disk's real top node is read back from ``query-block``
+before the XML is rewritten (QEMU-NOTES traps 3 and 4).
+
+The waiter of ``--wait`` polls through the second (query) monitor and takes
+no lock while it waits, so other processes can pivot, abort or change speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from virtshift.errors import ErrorCode, QMPError, VirtError
+from virtshift.jobs.machine import apply, event_trigger
+from virtshift.jobs.reconcile import reconcile
+from virtshift.model.domain import StorageSource
+from virtshift.model.job import BlockJob, Effect, JobState, JobType, Trigger
+from virtshift.model.status import DomainStatus
+from virtshift.ops import blockjob as plans
+from virtshift.ops.snapshot import OverlayPlan, config_after
+from virtshift.ops.start import format_node, storage_node
+from virtshift.qmp.client import Monitor
+from virtshift.qmp.models import parse_query_block
+from virtshift.runtime.driver import DomainRecord, Driver
+
+__all__ = ["BlockJobs"]
+
+_log = logging.getLogger("virtshift.blockjob")
+
+#: Seconds a pivot or abort waits for QEMU to conclude the job.
+END_TIMEOUT = 120.0
+
+
+def _qemu_img_info(path: str, fmt: str) -> list[dict[str, Any]]:
+    argv = ["qemu-img", "info", "-U", "--output=json", "--backing-chain", "-f", fmt, path]
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    if res.returncode != 0:
+        raise VirtError(
+            ErrorCode.OPERATION_INVALID,
+            f"destination chain of '{path}' cannot be read: {res.stderr.strip()}; refusing "
+            "to pivot (QEMU would pivot onto an image without its backing data)",
+        )
+    data = json.loads(res.stdout)
+    return data if isinstance(data, list) else [data]
+
+
+class BlockJobs:
+    """Block jobs of the domains of one driver."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+
+    # -- status bookkeeping ------------------------------------------------------------
+
+    def _status(self, name: str) -> DomainStatus:
+        rec = self.driver.record(name)
+        if rec.status is None:
+            raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
+        return rec.status
+
+    def _put(self, name: str, job: BlockJob, *, domain: Any = None) -> DomainStatus:
+        """Save ``job`` (replacing the record of the same id, and older ended
+        records of its disk) and optionally a new live domain."""
+        st = self._status(name)
+        jobs = [
+            j
+            for j in st.jobs
+            if j.job_id != job.job_id and not (j.disk == job.disk and j.state.ended)
+        ]
+        jobs.append(job)
+        st = dataclasses.replace(st, jobs=tuple(jobs), domain=domain or st.domain)
+        self.driver.write_status(name, st)
+        return st
+
+    def _forget(self, name: str, job: BlockJob) -> None:
+        st = self._status(name)
+        st = dataclasses.replace(st, jobs=tuple(j for j in st.jobs if j.job_id != job.job_id))
+        self.driver.write_status(name, st)
+
+    # -- reconcile + effects -------------------------------------------------------------
+
+    def reconcile(self, name: str, mon: Monitor) -> None:
+        """Bring recorded jobs up to date with QEMU (domain lock held)."""
+        st = self._status(name)
+        if not any(not j.state.ended for j in st.jobs):
+            return
+        reply = mon.execute("query-jobs")
+        for job, effects in reconcile(st.jobs, reply):
+            self._carry_out(name, mon, job, effects)
+
+    def _carry_out(
+        self, name: str, mon: Monitor, job: BlockJob, effects: Sequence[Effect]
+    ) -> BlockJob:
+        for effect in effects:
+            if effect == Effect.SAVE:
+                self._put(name, job)
+            elif effect == Effect.DISMISS:
+                try:
+                    mon.execute("job-dismiss", {"id": job.job_id})
+                except QMPError as err:
+                    _log.debug("job-dismiss %s: %s", job.job_id, err)
+            elif effect == Effect.APPLY_RESULT:
+                job = self._apply_result(name, mon, job)
+            elif effect == Effect.DROP_MIRROR:
+                self._drop_mirror(name, mon, job)
+            elif effect == Effect.UNREGISTER:
+                if job.state == JobState.NEW:
+                    self._forget(name, job)
+                else:
+                    self._put(name, job)
+            elif effect == Effect.CANCEL:
+                try:
+                    mon.execute("block-job-cancel", {"device": job.job_id, "force": True})
+                except QMPError as err:
+                    _log.warning("cancelling broken job %s: %s", job.job_id, err)
+            elif effect == Effect.NOTIFY:
+                pass  # listeners see the saved state change (see runtime/events.py)
+        return job
+
+    def _top_node(self, mon: Monitor, alias: str | None) -> str | None:
+        for dev in parse_query_block(mon.execute("query-block")):
+            if dev.alias == alias:
+                return dev.node_name
+        return None
+
+    def _apply_result(self, name: str, mon: Monitor, job: BlockJob) -> BlockJob:
+        st = self._status(name)
+        live = st.domain
+        disk = live.disk(job.disk)
+        if disk is None:
+            return job
+        if job.type == JobType.PULL:
+            live = plans.after_pull(live, job)
+        elif job.type == JobType.COMMIT:
+            live = plans.after_commit(live, job)
+        else:
+            top = self._top_node(mon, disk.alias)
+            want = (
+                format_node(job.base)
+                if job.type == JobType.ACTIVE_COMMIT and job.base
+                else job.mirror.node_name
+                if job.mirror is not None
+                else None
+            )
+            if top != want:
+                # QEMU did not switch the disk (someone else ended the job without
+                # a pivot): follow the graph, not the record
+                _log.warning(
+                    "job %s ended but disk '%s' is on %s, not %s", job.job_id, job.disk, top, want
+                )
+                self._drop_mirror(name, mon, job)
+                return dataclasses.replace(job, state=JobState.CANCELLED)
+            if job.type == JobType.ACTIVE_COMMIT:
+                live = plans.after_active_commit(live, job)
+            else:
+                assert job.mirror is not None
+                live = plans.after_pivot(live, job, job.mirror)
+        self._put(name, job, domain=live)
+        rec = self.driver.record(name)
+        new_disk = live.disk(job.disk)
+        if rec.config is not None and new_disk is not None and new_disk.source.path is not None:
+            src = new_disk.source
+            ov = OverlayPlan(
+                target=job.disk, path=src.path or "", type=src.type, format=src.format or "raw"
+            )
+            self.driver.write_config(name, config_after(rec.config, [ov]))
+        for path in job.delete_after:
+            try:
+                os.unlink(path)
+            except OSError as err:
+                _log.warning("cannot delete '%s' after commit: %s", path, err)
+        return job
+
+    def _drop_mirror(self, name: str, mon: Monitor, job: BlockJob) -> None:
+        for node in job.added_nodes:
+            try:
+                mon.execute("blockdev-del", {"node-name": node})
+            except QMPError as err:
+                _log.debug("blockdev-del %s: %s", node, err)
+        st = self._status(name)
+        self._put(name, job, domain=plans.without_mirror(st.domain, job.disk))
+
+    # -- starting ----------------------------------------------------------------------
+
+    def start(self, name: str, mon: Monitor, plan: plans.StartPlan) -> BlockJob:
+        """Record, prepare and start a planned job (domain lock held)."""
+        job = plan.job
+        created: list[str] = []
+        try:
+            for argv in plan.create:
+                res = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+                if res.returncode != 0:
+                    raise VirtError(
+                        ErrorCode.OPERATION_FAILED,
+                        f"cannot create '{argv[-2] if argv[-1].isdigit() else argv[-1]}': "
+                        f"{res.stderr.strip()}",
+                    )
+                created.append(argv[-2] if argv[-1].isdigit() else argv[-1])
+            st = self._put(name, job)  # intent first (NEW)
+            added: list[str] = []
+            try:
+                for obj in plan.add:
+                    mon.execute("blockdev-add", obj)
+                    added.append(str(obj["node-name"]))
+                mon.execute(plan.command, plan.arguments)
+            except VirtError:
+                for node in reversed(added):
+                    try:
+                        mon.execute("blockdev-del", {"node-name": node})
+                    except QMPError:
+                        _log.warning("cannot remove node %s after a failed start", node)
+                job, _effects = apply(job, Trigger.START_FAILED)
+                self._forget(name, job)
+                raise
+            job, _effects = apply(job, Trigger.STARTED)
+            live = plans.with_mirror(st.domain, job, ready=None)
+            self._put(name, job, domain=live)
+            st = self._status(name)
+            if job.mirror is not None and job.mirror.index is not None:
+                self.driver.write_status(
+                    name,
+                    dataclasses.replace(st, next_index=max(st.next_index, job.mirror.index + 1)),
+                )
+            return job
+        except BaseException:
+            for path in created:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    _log.warning("cannot remove '%s' after a failed start", path)
+            raise
+
+    # -- ending ------------------------------------------------------------------------
+
+    def _wait_end(
+        self, name: str, mon: Monitor, job: BlockJob, timeout: float = END_TIMEOUT
+    ) -> BlockJob:
+        """Wait for the job's end event (or poll query-jobs) and apply it."""
+        deadline = time.monotonic() + timeout
+        jid = job.job_id
+
+        def is_end(event: dict[str, Any]) -> bool:
+            got = event_trigger(event)
+            return got is not None and got[0] == jid and got[1] != Trigger.READY
+
+        while time.monotonic() < deadline:
+            ev = mon.wait_event(is_end, timeout=0.2)
+            if ev is not None:
+                got = event_trigger(ev)
+                assert got is not None
+                _jid, trigger, error = got
+                job, effects = apply(job, trigger, error=error)
+                return self._carry_out(name, mon, job, effects)
+            # the event may have come before we connected: ask QEMU
+            for j in mon.execute("query-jobs"):
+                if (
+                    isinstance(j, dict)
+                    and j.get("id") == job.job_id
+                    and j.get("status") == "concluded"
+                ):
+                    trigger = Trigger.CONCLUDED_ERROR if j.get("error") else Trigger.CONCLUDED
+                    if job.state == JobState.ABORTING and j.get("error") == "Operation canceled":
+                        trigger = Trigger.CANCELLED
+                    job, effects = apply(job, trigger, error=j.get("error"))
+                    return self._carry_out(name, mon, job, effects)
+        raise VirtError(
+            ErrorCode.OPERATION_TIMEOUT,
+            f"block job '{job.job_id}' did not end within {timeout:.0f} s",
+        )
+
+    def _attach_reused_chain(self, name: str, mon: Monitor, job: BlockJob) -> BlockJob:
+        """Verify a reused destination's chain and attach it under the target."""
+        mirror = job.mirror
+        assert mirror is not None
+        assert mirror.path is not None
+        if mirror.backing is not None or mirror.backing_end:
+            return job  # ours, or already attached
+        st = self._status(name)
+        disk = st.domain.disk(job.disk)
+        assert disk is not None
+        dev = next(
+            d for d in parse_query_block(mon.execute("query-block")) if d.alias == disk.alias
+        )
+        source = [(layer.format, layer.virtual_size) for layer in dev.chain]
+        infos = _qemu_img_info(mirror.path, mirror.format or "qcow2")
+        plans.check_dest_chain(job.disk, infos, source)
+        # add the layers below the target, bottom first, then attach
+        n = st.next_index
+        layers: list[StorageSource] = []
+        added: list[str] = []
+        try:
+            below = infos[1:]
+            indexes = list(range(n, n + len(below)))
+            for depth in reversed(range(len(below))):
+                info = below[depth]
+                idx = indexes[depth]
+                fname = str(info.get("filename"))
+                fmt = str(info.get("format"))
+                mon.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "file",
+                        "filename": fname,
+                        "node-name": storage_node(idx),
+                        "auto-read-only": True,
+                        "discard": "unmap",
+                    },
+                )
+                added.append(storage_node(idx))
+                fmt_node: dict[str, Any] = {
+                    "node-name": format_node(idx),
+                    "read-only": True,
+                    "driver": fmt,
+                    "file": storage_node(idx),
+                }
+                if fmt != "raw":
+                    fmt_node["backing"] = (
+                        format_node(indexes[depth + 1]) if depth + 1 < len(below) else None
+                    )
+                mon.execute("blockdev-add", fmt_node)
+                added.append(format_node(idx))
+            if below:
+                mon.execute(
+                    "blockdev-snapshot",
+                    {"node": format_node(indexes[0]), "overlay": mirror.node_name},
+                )
+        except VirtError:
+            for node in reversed(added):
+                try:
+                    mon.execute("blockdev-del", {"node-name": node})
+                except QMPError:
+                    _log.warning("cannot remove node %s", node)
+            raise
+        chain: StorageSource | None = None
+        for depth in reversed(range(len(below))):
+            info = below[depth]
+            chain = StorageSource(
+                type="file",
+                path=str(info.get("filename")),
+                format=str(info.get("format")),
+                index=indexes[depth],
+                node_name=format_node(indexes[depth]),
+                backing=chain,
+                backing_end=chain is None,
+            )
+            layers.append(chain)
+        new_mirror = dataclasses.replace(mirror, backing=chain, backing_end=chain is None)
+        job = dataclasses.replace(job, mirror=new_mirror, added_nodes=(*job.added_nodes, *added))
+        st = self._put(name, job)
+        self.driver.write_status(
+            name, dataclasses.replace(st, next_index=max(st.next_index, n + len(below)))
+        )
+        return job
+
+    def wait_ready_locked(
+        self, name: str, mon: Monitor, job: BlockJob, timeout: float = END_TIMEOUT
+    ) -> BlockJob:
+        """Wait for READY while holding the lock and the monitor (internal jobs)."""
+        ev = mon.wait_event(
+            lambda e: (t := event_trigger(e)) is not None and t[0] == job.job_id,
+            timeout=timeout,
+        )
+        if ev is None:
+            raise VirtError(ErrorCode.OPERATION_TIMEOUT, f"block job '{job.job_id}' not ready")
+        got = event_trigger(ev)
+        assert got is not None
+        job, effects = apply(job, got[1], error=got[2])
+        job = self._carry_out(name, mon, job, effects)
+        if job.state != JobState.READY:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED,
+                f"block job '{job.job_id}' ended before it was ready: {job.error or job.state}",
+            )
+        return job
+
+    def wait_end_locked(self, name: str, mon: Monitor, job: BlockJob) -> BlockJob:
+        ended = self._wait_end(name, mon, job)
+        if ended.state != JobState.COMPLETED:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED,
+                f"block job '{job.job_id}' failed: {ended.error or ended.state.value}",
+            )
+        return ended
+
+    def pivot(self, name: str, mon: Monitor, job: BlockJob) -> BlockJob:
+        """Switch the disk onto the copy's destination (or an active commit's base).
+
+        A job left PIVOTING by a process that died before or while sending
+        ``block-job-complete`` gets the command again (it is idempotent until
+        the job concludes)."""
+        if job.state == JobState.PIVOTING:
+            pivoting = job
+        else:
+            if job.type == JobType.COPY:
+                job = self._attach_reused_chain(name, mon, job)
+            pivoting, effects = apply(job, Trigger.PIVOT)  # raises when not READY
+            self._carry_out(name, mon, pivoting, effects)
+        try:
+            mon.execute("block-job-complete", {"device": job.job_id})
+        except VirtError:
+            self._put(name, job)  # back to READY: nothing happened
+            raise
+        ended = self._wait_end(name, mon, pivoting)
+        if ended.state != JobState.COMPLETED:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED,
+                f"block job '{job.disk}' failed while pivoting"
+                + (f": {ended.error}" if ended.error else ""),
+            )
+        return ended
+
+    def abort(self, name: str, mon: Monitor, job: BlockJob, *, wait: bool) -> BlockJob:
+        """Cancel a job; a ready copy ends without pivot (the disk stays on the source).
+        A job left ABORTING by a dead process gets the cancel again."""
+        if job.state == JobState.ABORTING:
+            aborting = job
+        else:
+            aborting, effects = apply(job, Trigger.ABORT)
+            self._carry_out(name, mon, aborting, effects)
+        try:
+            mon.execute("block-job-cancel", {"device": job.job_id})
+        except VirtError:
+            self._put(name, job)
+            raise
+        if not wait:
+            return aborting
+        return self._wait_end(name, mon, aborting)
+
+    def set_speed(self, name: str, mon: Monitor, job: BlockJob, speed: int) -> BlockJob:
+        mon.execute("block-job-set-speed", {"device": job.job_id, "speed": speed})
+        job = dataclasses.replace(job, bandwidth=speed)
+        self._put(name, job)
+        return job
+
+    # -- reading without the lock ------------------------------------------------------
+
+    def query(self, name: str) -> tuple[DomainRecord, list[dict[str, Any]]]:
+        """Recorded jobs and QEMU's ``query-block-jobs``, through the query monitor."""
+        with self.driver.query_monitor(name) as (rec, mon):
+            reply = mon.execute("query-block-jobs")
+        return rec, [j for j in reply if isinstance(j, dict)]
+
+    def qemu_jobs(self, name: str) -> list[dict[str, Any]]:
+        with self.driver.query_monitor(name) as (_rec, mon):
+            reply = mon.execute("query-jobs")
+        return [j for j in reply if isinstance(j, dict)]
+
+    def wait(
+        self,
+        name: str,
+        job_id: str,
+        *,
+        until_ready: bool,
+        progress: Callable[[int, int], None] | None = None,
+        timeout: float | None = None,
+        interval: float = 0.05,
+    ) -> BlockJob:
+        """Wait (without the lock) until the job is ready (if asked) or ended.
+
+        Reads QEMU's view through the query monitor; when QEMU says the job
+        concluded, takes the lock once to apply it.  Returns the recorded job.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rec = self.driver.record(name)
+            st = rec.status
+            job = next((j for j in (st.jobs if st else ()) if j.job_id == job_id), None)
+            if job is None or job.state.ended:
+                if job is None:
+                    raise VirtError(ErrorCode.OPERATION_FAILED, f"block job '{job_id}' is gone")
+                return job
+            if until_ready and job.state == JobState.READY:
+                return job
+            concluded = False
+            for q in self.qemu_jobs(name):
+                if q.get("id") != job_id:
+                    continue
+                if progress is not None:
+                    progress(int(q.get("current-progress", 0)), int(q.get("total-progress", 0)))
+                status = q.get("status")
+                if status == "concluded" or (status == "ready" and job.state == JobState.RUNNING):
+                    concluded = True
+            if concluded:
+                with self.driver.monitor(name, "block job update") as (_rec, mon):
+                    self.reconcile(name, mon)
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                raise VirtError(ErrorCode.OPERATION_TIMEOUT, f"block job '{job_id}' still running")
+            time.sleep(interval)
+
+
+# -- operations as the facade calls them (each takes the domain lock) ----------------------
+
+
+class BlockJobOps(BlockJobs):
+    """The block-job API: each call holds the domain lock and reconciles first."""
+
+    def _locked(self, name: str, what: str) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm() -> Any:
+            with self.driver.monitor(name, what) as (_rec, mon):
+                self.reconcile(name, mon)
+                yield self._status(name), mon
+
+        return cm()
+
+    def _job(self, st: DomainStatus, disk: str, *, active: bool = True) -> BlockJob:
+        d = plans.resolve_disk(st.domain, disk)
+        job = plans.job_for_disk(st.jobs, d.target)
+        if job is None or (active and job.state.ended):
+            raise VirtError(
+                ErrorCode.INVALID_ARG, f"disk {d.target} does not have an active block job"
+            )
+        return job
+
+    def pull(self, name: str, disk: str, base: str | None, bandwidth: int, flags: int) -> BlockJob:
+        with self._locked(name, "block pull") as (st, mon):
+            plan = plans.plan_pull(
+                st.domain,
+                disk,
+                base,
+                bandwidth=bandwidth,
+                flags=flags,
+                jobs=st.jobs,
+                now=time.time(),
+            )
+            return self.start(name, mon, plan)
+
+    def commit(
+        self, name: str, disk: str, base: str | None, top: str | None, bandwidth: int, flags: int
+    ) -> BlockJob:
+        with self._locked(name, "block commit") as (st, mon):
+            plan = plans.plan_commit(
+                st.domain,
+                disk,
+                base,
+                top,
+                bandwidth=bandwidth,
+                flags=flags,
+                jobs=st.jobs,
+                now=time.time(),
+            )
+            return self.start(name, mon, plan)
+
+    def copy(
+        self,
+        name: str,
+        disk: str,
+        dest: StorageSource,
+        *,
+        flags: int,
+        bandwidth: int,
+        granularity: int | None,
+        buf_size: int | None,
+        snapshot: str | None = None,
+    ) -> BlockJob:
+        with self._locked(name, "block copy") as (st, mon):
+            return self.start_copy(
+                name,
+                mon,
+                st,
+                disk,
+                dest,
+                flags=flags,
+                bandwidth=bandwidth,
+                granularity=granularity,
+                buf_size=buf_size,
+                snapshot=snapshot,
+            )
+
+    def start_copy(
+        self,
+        name: str,
+        mon: Monitor,
+        st: DomainStatus,
+        disk: str,
+        dest: StorageSource,
+        *,
+        flags: int,
+        bandwidth: int,
+        granularity: int | None,
+        buf_size: int | None,
+        snapshot: str | None = None,
+    ) -> BlockJob:
+        """Start a copy with the lock and monitor already held."""
+        import stat as stat_mod
+
+        assert dest.path is not None
+        try:
+            mode = os.lstat(dest.path).st_mode
+            exists, is_block = True, stat_mod.S_ISBLK(mode)
+            if stat_mod.S_ISLNK(mode):
+                raise VirtError(
+                    ErrorCode.CONFIG_UNSUPPORTED,
+                    f"block copy destination '{dest.path}' is a symbolic link; give the real path",
+                )
+        except FileNotFoundError:
+            exists, is_block = False, False
+        if dest.path and not os.path.isdir(os.path.dirname(dest.path)):
+            raise VirtError(
+                ErrorCode.INVALID_ARG,
+                f"directory of block copy destination '{dest.path}' does not exist",
+            )
+        d = plans.resolve_disk(st.domain, disk)
+        size = None
+        for dev in parse_query_block(mon.execute("query-block")):
+            if dev.alias == d.alias and dev.chain:
+                size = dev.chain[0].virtual_size
+        plan = plans.plan_copy(
+            st.domain,
+            disk,
+            dest,
+            flags=flags,
+            bandwidth=bandwidth,
+            granularity=granularity,
+            buf_size=buf_size,
+            jobs=st.jobs,
+            next_index=st.next_index,
+            dest_exists=exists,
+            dest_is_block=is_block,
+            now=time.time(),
+            snapshot=snapshot,
+            virtual_size=size,
+        )
+        return self.start(name, mon, plan)
+
+    def abort_disk(self, name: str, disk: str, *, pivot: bool, asynchronous: bool) -> BlockJob:
+        with self._locked(name, "block job abort") as (st, mon):
+            job = self._job(st, disk)
+            if pivot:
+                if job.type not in (JobType.COPY, JobType.ACTIVE_COMMIT):
+                    raise VirtError(
+                        ErrorCode.OPERATION_INVALID,
+                        f"job type '{job.type.value}' does not support pivot",
+                    )
+                return self.pivot(name, mon, job)
+            return self.abort(name, mon, job, wait=not asynchronous)
+
+    def set_speed_disk(self, name: str, disk: str, speed: int) -> BlockJob:
+        with self._locked(name, "block job speed") as (st, mon):
+            return self.set_speed(name, mon, self._job(st, disk), speed)
+
+    def info(self, name: str, disk: str) -> dict[str, int] | None:
+        """libvirt's blockJobInfo fields (bandwidth in bytes/s), or None when no job runs."""
+        rec, qjobs = self.query(name)
+        assert rec.status is not None
+        d = plans.resolve_disk(rec.status.domain, disk)
+        job = plans.job_for_disk(rec.status.jobs, d.target)
+        if job is None or job.state.ended:
+            return None
+        q = next((x for x in qjobs if x.get("device") == job.job_id), None)
+        if q is None:  # concluded, not yet applied: report it as finished
+            return {
+                "type": job.type.libvirt,
+                "bandwidth": job.bandwidth,
+                "cur": job.end or 1,
+                "end": job.end or 1,
+            }
+        return {
+            "type": job.type.libvirt,
+            "bandwidth": int(q.get("speed", job.bandwidth)),
+            "cur": int(q.get("offset", 0)),
+            "end": int(q.get("len", 0)),
+        }
+
+    def block_info(self, name: str, path: str) -> tuple[int, int, int]:
+        """capacity (virtual size), allocation (bytes in use), physical (file size)."""
+        rec = self.driver.record(name)
+        d = plans.resolve_disk(rec.definition, path)
+        src = d.source
+        if src.path is None:
+            raise VirtError(ErrorCode.INVALID_ARG, f"disk '{path}' has no source")
+        argv = ["qemu-img", "info", "-U", "--output=json", "-f", src.format or "raw", src.path]
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+        if res.returncode != 0:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED, f"cannot read '{src.path}': {res.stderr.strip()}"
+            )
+        info = json.loads(res.stdout)
+        physical = os.stat(src.path).st_size
+        return int(info.get("virtual-size", 0)), int(info.get("actual-size", physical)), physical
