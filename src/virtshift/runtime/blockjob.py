@@ -64,6 +64,25 @@ def _qemu_img_info(path: str, fmt: str) -> list[dict[str, Any]]:
     return data if isinstance(data, list) else [data]
 
 
+_READY_WORD = {
+    JobState.READY: "yes",
+    JobState.PIVOTING: "pivot",
+    JobState.ABORTING: "abort",
+}
+
+
+def _mirror_ready(domain: Any, job: BlockJob) -> Any:
+    """The live ``<mirror ready=>`` word follows the job's state, as in libvirt."""
+    disk = domain.disk(job.disk)
+    if disk is None or disk.mirror is None or job.state.ended:
+        return domain
+    word = _READY_WORD.get(job.state)
+    if disk.mirror.ready == word:
+        return domain
+    mirror = dataclasses.replace(disk.mirror, ready=word)
+    return domain.with_disk(dataclasses.replace(disk, mirror=mirror))
+
+
 class BlockJobs:
     """Block jobs of the domains of one driver."""
 
@@ -88,7 +107,8 @@ class BlockJobs:
             if j.job_id != job.job_id and not (j.disk == job.disk and j.state.ended)
         ]
         jobs.append(job)
-        st = dataclasses.replace(st, jobs=tuple(jobs), domain=domain or st.domain)
+        live = _mirror_ready(domain or st.domain, job)
+        st = dataclasses.replace(st, jobs=tuple(jobs), domain=live)
         self.driver.write_status(name, st)
         return st
 
@@ -607,7 +627,10 @@ class BlockJobOps(BlockJobs):
         """Start a copy with the lock and monitor already held."""
         import stat as stat_mod
 
-        assert dest.path is not None
+        if dest.path is None or not os.path.isabs(dest.path):
+            raise VirtError(
+                ErrorCode.INVALID_ARG, "absolute path must be used as block copy target"
+            )
         try:
             mode = os.lstat(dest.path).st_mode
             exists, is_block = True, stat_mod.S_ISBLK(mode)
@@ -662,9 +685,39 @@ class BlockJobOps(BlockJobs):
         with self._locked(name, "block job speed") as (st, mon):
             return self.set_speed(name, mon, self._job(st, disk), speed)
 
+    def refresh(self, name: str) -> bool:
+        """Apply jobs QEMU has ended, if the domain lock is free right now.
+
+        Read-only calls use this so that a finished job is reported finished even
+        when no process was connected when it ended; they never wait for the lock.
+        """
+        try:
+            with self.driver.monitor(name, "block job update", timeout=0) as (_rec, mon):
+                self.reconcile(name, mon)
+            return True
+        except VirtError as err:
+            if err.code != ErrorCode.OPERATION_TIMEOUT:
+                raise
+            return False
+
     def info(self, name: str, disk: str) -> dict[str, int] | None:
         """libvirt's blockJobInfo fields (bandwidth in bytes/s), or None when no job runs."""
         rec, qjobs = self.query(name)
+        assert rec.status is not None
+        stale = [
+            q
+            for q in qjobs
+            if q.get("status") == "concluded"
+            or (
+                q.get("ready")
+                and any(
+                    j.job_id == q.get("device") and j.state == JobState.RUNNING
+                    for j in rec.status.jobs
+                )
+            )
+        ]
+        if stale and self.refresh(name):
+            rec, qjobs = self.query(name)
         assert rec.status is not None
         d = plans.resolve_disk(rec.status.domain, disk)
         job = plans.job_for_disk(rec.status.jobs, d.target)

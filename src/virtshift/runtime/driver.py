@@ -127,10 +127,12 @@ class Driver:
     def snapshot_dir(self, name: str) -> Path:
         return self.lib_dir / "snapshot" / name
 
-    def lock(self, name: str) -> FileLock:
+    def lock(self, name: str, timeout: float | None = None) -> FileLock:
         """The per-domain lock (not yet taken)."""
         return FileLock(
-            self.lock_dir / f"{name}.lock", what=f"domain '{name}'", timeout=_lock_timeout()
+            self.lock_dir / f"{name}.lock",
+            what=f"domain '{name}'",
+            timeout=_lock_timeout() if timeout is None else timeout,
         )
 
     def _driver_lock(self) -> FileLock:
@@ -186,13 +188,15 @@ class Driver:
         raise VirtError(ErrorCode.NO_DOMAIN, f"no domain with matching uuid '{uuid}'")
 
     @contextlib.contextmanager
-    def locked(self, name: str, operation: str) -> Iterator[DomainRecord]:
+    def locked(
+        self, name: str, operation: str, timeout: float | None = None
+    ) -> Iterator[DomainRecord]:
         """Hold the domain's lock; yield a fresh record read under it.
 
         Cleans up after a QEMU that died while nobody watched (stale status).
         """
         _check_name(name)
-        lock = self.lock(name)
+        lock = self.lock(name, timeout)
         with lock.hold(operation):
             self._reap_stale(name)
             yield self.record(name)
@@ -487,9 +491,11 @@ class Driver:
     # -- monitors ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def monitor(self, name: str, operation: str) -> Iterator[tuple[DomainRecord, Monitor]]:
+    def monitor(
+        self, name: str, operation: str, timeout: float | None = None
+    ) -> Iterator[tuple[DomainRecord, Monitor]]:
         """Hold the domain lock and its main monitor for one operation."""
-        with self.locked(name, operation) as rec:
+        with self.locked(name, operation, timeout) as rec:
             if rec.status is None:
                 raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
             with Monitor(rec.status.monitor).connect() as mon:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import os
 import stat
@@ -329,6 +330,8 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
         jobs.reconcile(rec.name, mon)
         rec = driver.record(rec.name)
         before = preflight(plan)
+        if plan.reuse:
+            _check_reused_mirrors(plan, mon, rec)
         take_live(driver, rec, plan, mon)
         mirrored = [ov for ov in plan.overlays if ov.mirror is not None]
         for ov in mirrored:
@@ -363,6 +366,37 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
                     "snapshot was undone and nothing changed",
                 ) from err
     return plan.snapshot
+
+
+def _check_reused_mirrors(plan: SnapshotPlan, mon: Monitor, rec: DomainRecord) -> None:
+    """A reused mirror must be an image of the stated format and of the disk's
+    virtual size; checked before the snapshot so that a bad one changes nothing."""
+    sizes = {
+        d.alias: d.chain[0].virtual_size
+        for d in parse_query_block(mon.execute("query-block"))
+        if d.chain
+    }
+    for ov in plan.overlays:
+        if ov.mirror is None:
+            continue
+        disk = rec.definition.disk(ov.target)
+        want_fmt = ov.mirror.format or "qcow2"
+        argv = ["qemu-img", "info", "-U", "--output=json", "-f", want_fmt, ov.mirror.path]
+        res = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise VirtError(
+                ErrorCode.CONFIG_UNSUPPORTED,
+                f"mirror '{ov.mirror.path}' of disk '{ov.target}' is not a usable {want_fmt} "
+                f"image: {res.stderr.strip()}",
+            )
+        size = json.loads(res.stdout).get("virtual-size")
+        want = sizes.get(disk.alias if disk is not None else None)
+        if want is not None and size != want:
+            raise VirtError(
+                ErrorCode.CONFIG_UNSUPPORTED,
+                f"mirror '{ov.mirror.path}' of disk '{ov.target}' has virtual size {size}, "
+                f"the disk {want}",
+            )
 
 
 def _job_event(job_id: str, *names: str) -> Callable[[dict[str, Any]], bool]:
