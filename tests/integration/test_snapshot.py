@@ -454,14 +454,12 @@ def test_delete_metadata_children(conn, images: Path, root: Path) -> None:
         dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", DISK_ONLY)
     live = dom.XMLDesc(0)
     a = dom.snapshotLookupByName("a")
-    # data deletion of external snapshots is the block-job layer's; refused clearly here
+    # merging the data of a snapshot that has children is refused, nothing changes
     code, msg = code_of(lambda: a.delete(0))
     assert code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
-    assert "METADATA_ONLY" in msg
-    a.delete(
-        libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
-        | libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY
-    )
+    assert "children" in msg
+    assert dom.XMLDesc(0) == live
+    a.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY)
     assert dom.snapshotListNames() == ["a"]
     assert dom.snapshotCurrent().getName() == "a"  # current (c) was deleted: moves to a
     a.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
@@ -470,6 +468,33 @@ def test_delete_metadata_children(conn, images: Path, root: Path) -> None:
     assert dom.XMLDesc(0) == live  # metadata only: the disks are untouched
     assert (images / "vda.c").exists()
     dom.destroy()
+
+
+def test_delete_merges_external_snapshot_data(conn, images: Path) -> None:
+    """Without METADATA_ONLY the overlay a snapshot created is committed into the image
+    it captured and removed, as libvirt 9 does; guest data survives."""
+    dom = make_domain(conn, images, 1)
+    hmp_write(dom, "virtio-disk0", 0x01, 0, "1M")
+    dom.snapshotCreateXML("<domainsnapshot><name>a</name></domainsnapshot>", DISK_ONLY)
+    hmp_write(dom, "virtio-disk0", 0x02, 1048576, "1M")
+    dom.snapshotCreateXML("<domainsnapshot><name>b</name></domainsnapshot>", DISK_ONLY)
+    hmp_write(dom, "virtio-disk0", 0x03, 2097152, "1M")
+    assert live_sources(dom)["vda"] == [str(images / "vda.b"), str(images / "vda.a"), str(images / "vda.qcow2")]
+    dom.snapshotLookupByName("b").delete(0)  # current, its overlay is the active layer
+    assert live_sources(dom)["vda"] == [str(images / "vda.a"), str(images / "vda.qcow2")]
+    assert not (images / "vda.b").exists()
+    assert dom.snapshotListNames() == ["a"]
+    assert dom.snapshotCurrent().getName() == "a"
+    hmp_write(dom, "virtio-disk0", 0x04, 3145728, "1M")
+    dom.snapshotLookupByName("a").delete(0)
+    assert live_sources(dom)["vda"] == [str(images / "vda.qcow2")]
+    assert not (images / "vda.a").exists()
+    assert dom.snapshotNum() == 0
+    inactive = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    assert inactive.find("devices/disk/source").get("file") == str(images / "vda.qcow2")
+    dom.destroy()
+    for pat, off in ((0x01, 0), (0x02, 1048576), (0x03, 2097152), (0x04, 3145728)):
+        assert qemu_io_read(images / "vda.qcow2", "qcow2", pat, off, "1M"), hex(pat)
 
 
 # -- bad input ----------------------------------------------------------------------------
