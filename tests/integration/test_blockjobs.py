@@ -764,3 +764,61 @@ def test_bad_block_job_input(conn, chain3, images: Path) -> None:
     with pytest.raises(TypeError):
         dom.blockCopy("vda", "<disk/>", ["not", "a", "dict"], 0)
     dom.destroy()
+
+
+def test_mirror_snapshot_bad_input(conn, images: Path) -> None:
+    a, b = make_image(images / "a.qcow2"), make_image(images / "b.qcow2")
+    dom = conn.createXML(domain_xml("mm", [("vda", a, "qcow2"), ("vdb", b, "qcow2")]), 0)
+    (images / "exists.qcow2").write_text("precious")
+    state = (dom.XMLDesc(0), graph(dom), tree_state(images))
+    two = f"""<domainsnapshot><disks>
+        <disk name='vda'><source file='{images}/a.ov'/><mirror file='{images}/a.m'/></disk>
+        <disk name='vdb'><source file='{images}/b.ov'/><mirror file='{images}/b.m'/></disk>
+      </disks></domainsnapshot>"""
+    code, msg = code_of(
+        lambda: dom.snapshotCreateXML(two, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY)
+    )
+    assert code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
+    assert "at most one" in msg
+    exists = f"""<domainsnapshot><disks>
+        <disk name='vda'><source file='{images}/a.ov'/><mirror file='{images}/exists.qcow2'/></disk>
+        <disk name='vdb' snapshot='no'/></disks></domainsnapshot>"""
+    code, msg = code_of(
+        lambda: dom.snapshotCreateXML(exists, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY)
+    )
+    assert code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
+    assert "already exists" in msg
+    missing = exists.replace("exists.qcow2", "missing.qcow2")
+    code, _ = code_of(
+        lambda: dom.snapshotCreateXML(
+            missing,
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT,
+        )
+    )
+    assert code == libvirt.VIR_ERR_OPERATION_INVALID
+    assert (dom.XMLDesc(0), graph(dom), tree_state(images)) == state
+    assert (images / "exists.qcow2").read_text() == "precious"
+    dom.destroy()
+
+
+def test_synchronous_writes_copy_and_async_abort(conn, chain3, images: Path) -> None:
+    base, mid, top = chain3
+    dom = start3(conn, chain3)
+    dest = images / "sync.qcow2"
+    dom.blockCopy(
+        "vda",
+        f"<disk type='file'><source file='{dest}'/><driver type='qcow2'/></disk>",
+        {"buf-size": 1048576},
+        libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES | libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW,
+    )
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-jobs"}', 0))
+    assert [j["type"] for j in reply["return"]] == ["mirror"]
+    wait_job(dom, ready=True)
+    hmp_write(dom, 0xA1, 0, "1M")
+    dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC)
+    wait_job(dom)  # ends by itself; the next call that looks applies it
+    assert mirror_of(dom) is None
+    assert chain(dom)[0] == str(top)
+    dom.destroy()
+    assert qemu_io_read(dest, "qcow2", 0xA1, 0, "1M")  # written through to the copy

@@ -459,7 +459,10 @@ def test_delete_metadata_children(conn, images: Path, root: Path) -> None:
     assert code == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
     assert "children" in msg
     assert dom.XMLDesc(0) == live
-    a.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY)
+    a.delete(
+        libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
+        | libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY
+    )
     assert dom.snapshotListNames() == ["a"]
     assert dom.snapshotCurrent().getName() == "a"  # current (c) was deleted: moves to a
     a.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
@@ -479,7 +482,11 @@ def test_delete_merges_external_snapshot_data(conn, images: Path) -> None:
     hmp_write(dom, "virtio-disk0", 0x02, 1048576, "1M")
     dom.snapshotCreateXML("<domainsnapshot><name>b</name></domainsnapshot>", DISK_ONLY)
     hmp_write(dom, "virtio-disk0", 0x03, 2097152, "1M")
-    assert live_sources(dom)["vda"] == [str(images / "vda.b"), str(images / "vda.a"), str(images / "vda.qcow2")]
+    assert live_sources(dom)["vda"] == [
+        str(images / "vda.b"),
+        str(images / "vda.a"),
+        str(images / "vda.qcow2"),
+    ]
     dom.snapshotLookupByName("b").delete(0)  # current, its overlay is the active layer
     assert live_sources(dom)["vda"] == [str(images / "vda.a"), str(images / "vda.qcow2")]
     assert not (images / "vda.b").exists()
