@@ -94,7 +94,7 @@ def chain3(images: Path) -> tuple[Path, Path, Path]:
 
 
 def start3(conn, chain3, name: str = "vm"):
-    base, mid, top = chain3
+    _base, _mid, top = chain3
     dom = conn.createXML(domain_xml(name, [("vda", top, "qcow2")]), 0)
     return dom
 
@@ -133,7 +133,7 @@ def test_stream_with_base_keeps_base_and_every_write(conn, chain3) -> None:
 
 
 def test_full_pull_and_events(conn, chain3) -> None:
-    base, mid, top = chain3
+    _base, _mid, top = chain3
     dom = start3(conn, chain3)
     libvirt.virEventRegisterDefaultImpl()
     seen: list[tuple] = []
@@ -196,7 +196,7 @@ def test_intermediate_commit_with_delete(conn, chain3) -> None:
 
 
 def test_active_commit_and_pivot(conn, chain3, images: Path) -> None:
-    base, mid, top = chain3
+    base, mid, _top = chain3
     dom = start3(conn, chain3)
     hmp_write(dom, 0x21, 0, "2M")
     code, msg = code_of(lambda: dom.blockCommit("vda", None, None, 0, 0))
@@ -218,7 +218,7 @@ def test_active_commit_and_pivot(conn, chain3, images: Path) -> None:
 
 
 def test_full_copy_pivot_with_writes(conn, chain3, images: Path) -> None:
-    base, mid, top = chain3
+    _base, _mid, top = chain3
     dom = start3(conn, chain3)
     hmp_write(dom, 0x31, 0, "4M")
     dest = images / "copy.qcow2"
@@ -595,7 +595,7 @@ def test_pivot_before_ready(conn, images: Path) -> None:
 
 
 def test_mirror_that_cannot_start_undoes_the_snapshot(conn, images: Path) -> None:
-    dom, sd1, sd2, base, snap1 = _ovirt_setup(conn, images)
+    dom, sd1, sd2, _base, snap1 = _ovirt_setup(conn, images)
     subprocess.run(
         [
             "qemu-img",
@@ -803,7 +803,7 @@ def test_mirror_snapshot_bad_input(conn, images: Path) -> None:
 
 
 def test_synchronous_writes_copy_and_async_abort(conn, chain3, images: Path) -> None:
-    base, mid, top = chain3
+    _base, _mid, top = chain3
     dom = start3(conn, chain3)
     dest = images / "sync.qcow2"
     dom.blockCopy(
