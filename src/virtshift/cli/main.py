@@ -527,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Verb groups in their own modules register themselves on ``cli``.
 from virtshift.cli import blockjob as _blockjob  # noqa: E402,F401
+from virtshift.cli import migrate as _migrate  # noqa: E402,F401
 from virtshift.cli import snapshot as _snapshot  # noqa: E402,F401
 
 if __name__ == "__main__":
