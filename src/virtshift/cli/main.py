@@ -488,7 +488,7 @@ def version(ctx: click.Context) -> None:
 @click.option("--keep", is_flag=True, help="Keep the demo's files (printed at the end).")
 @_run
 def demo(keep: bool) -> None:
-    """The main job: define, start, write guest data, show live XML, check, clean up."""
+    """The main job: a live storage migration of two disks while the guest writes."""
     from virtshift.cli.demo import run_demo
 
     rc = run_demo(keep=keep)
