@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -143,7 +144,7 @@ def run_demo(keep: bool = False) -> int:
         writer.start()
         time.sleep(0.2)
 
-        def progress(event: str, data: dict[str, object]) -> None:
+        def progress(event: str, data: dict[str, Any]) -> None:
             if event == "step":
                 click.echo(f"   {data['disk']}: {data['step']:<10} {float(data['seconds']):6.3f} s")
 
