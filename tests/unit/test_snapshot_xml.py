@@ -642,7 +642,7 @@ def test_readonly_fields_are_not_checked_on_creation() -> None:
     [
         ("a/b", "invalid snapshot name 'a/b': name can't contain '/'"),
         (".snap", "invalid snapshot name '.snap': name can't start with '.'"),
-        ("a\x00b", "invalid snapshot name 'a\\x00b': name can't contain NUL"),
+        ("a\x00b", "invalid snapshot name 'a\\0b': name can't contain a NUL character"),
         ("", "name can't be empty"),
         ("x" * (MAX_SNAPSHOT_NAME_LENGTH + 1), "name can't be longer than 200 characters"),
     ],

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from virtshift.errors import ErrorCode, VirtError
+from virtshift.xml.snapshot import libvirt_escape
 
 __all__ = ["build_snapshot_xml", "split_spec"]
 
@@ -57,24 +58,6 @@ def split_spec(spec: str) -> list[str]:
     return items
 
 
-def _escape(value: str) -> str:
-    out: list[str] = []
-    for char in value:
-        if char == "&":
-            out.append("&amp;")
-        elif char == "<":
-            out.append("&lt;")
-        elif char == ">":
-            out.append("&gt;")
-        elif char == "'":
-            out.append("&apos;")
-        elif char == '"':
-            out.append("&quot;")
-        elif char >= " " or char in "\t\n\r":
-            out.append(char)
-    return "".join(out)
-
-
 def _invalid(what: str, spec: str, reason: str | None = None) -> VirtError:
     detail = f"unable to parse {what}: {spec}"
     if reason:
@@ -96,9 +79,9 @@ def _memory_line(memspec: str) -> str:
             raise _invalid("memspec", memspec)
     line = "<memory"
     if snapshot is not None:
-        line += f" snapshot='{_escape(snapshot)}'"
+        line += f" snapshot='{libvirt_escape(snapshot)}'"
     if file is not None:
-        line += f" file='{_escape(file)}'"
+        line += f" file='{libvirt_escape(file)}'"
     return line + "/>"
 
 
@@ -112,20 +95,20 @@ def _disk_lines(diskspec: str) -> list[str]:
         if not sep or key not in _DISKSPEC_KEYS or key in values:
             raise _invalid("diskspec", diskspec)
         values[key] = value
-    start = f"<disk name='{_escape(name)}'"
+    start = f"<disk name='{libvirt_escape(name)}'"
     if "snapshot" in values:
-        start += f" snapshot='{_escape(values['snapshot'])}'"
+        start += f" snapshot='{libvirt_escape(values['snapshot'])}'"
     stype = values.get("stype")
     if stype is not None:
         if stype not in _STORAGE_TYPES:
-            raise _invalid("diskspec", diskspec, f"Unknown storage type: '{_escape(stype)}'")
+            raise _invalid("diskspec", diskspec, f"Unknown storage type: '{libvirt_escape(stype)}'")
         start += f" type='{stype}'"
     children: list[str] = []
     if "driver" in values:
-        children.append(f"<driver type='{_escape(values['driver'])}'/>")
+        children.append(f"<driver type='{libvirt_escape(values['driver'])}'/>")
     if "file" in values:
         attr = "dev" if stype == "block" else "file"
-        children.append(f"<source {attr}='{_escape(values['file'])}'/>")
+        children.append(f"<source {attr}='{libvirt_escape(values['file'])}'/>")
     if not children:
         return [start + "/>"]
     return [start + ">", *(_INDENT + child for child in children), "</disk>"]
@@ -170,7 +153,7 @@ def build_snapshot_xml(
             continue
         if not value:
             raise VirtError(ErrorCode.INVALID_ARG, f"option {option} must not be empty")
-        lines.append(f"{_INDENT}<{tag}>{_escape(value)}</{tag}>")
+        lines.append(f"{_INDENT}<{tag}>{libvirt_escape(value)}</{tag}>")
     if memspec is not None:
         lines.append(_INDENT + _memory_line(memspec))
     if diskspecs:

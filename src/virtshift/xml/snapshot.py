@@ -58,6 +58,7 @@ from lxml import etree
 
 from virtshift.errors import ErrorCode, ErrorDomain, VirtError
 from virtshift.model.domain import Domain
+from virtshift.model.names import MAX_NAME_LENGTH, check_snapshot_name
 from virtshift.model.snapshot import (
     SnapshotDef,
     SnapshotDisk,
@@ -73,6 +74,7 @@ __all__ = [
     "apply_creation_defaults",
     "check_snapshot_name",
     "format_snapshot",
+    "libvirt_escape",
     "parse_snapshot",
     "validate_snapshot_xml",
 ]
@@ -81,7 +83,7 @@ _WHAT: Final = "domain snapshot"
 _ROOT: Final = "domainsnapshot"
 
 #: Longest accepted snapshot name (it names a metadata file).
-MAX_SNAPSHOT_NAME_LENGTH: Final = 200
+MAX_SNAPSHOT_NAME_LENGTH: Final = MAX_NAME_LENGTH
 
 # libvirt's enumerations, in their order; the first entry is the "zero"
 # value that an attribute may not name explicitly.
@@ -140,37 +142,6 @@ def _local(el: etree._Element) -> str:
 
 # --------------------------------------------------------------------------
 # Names
-
-
-def check_snapshot_name(name: str) -> None:
-    """Refuse a snapshot name that cannot name a metadata file.
-
-    libvirt's qemu driver refuses ``/`` and a leading ``.``; virtshift also
-    refuses the empty name, NUL and names longer than
-    :data:`MAX_SNAPSHOT_NAME_LENGTH` characters.
-
-    :param name: the name.
-    :raise VirtError: ``XML_DETAIL`` ("invalid snapshot name 'a/b': name can't
-        contain '/'").
-    """
-    if not name:
-        problem = "name can't be empty"
-    elif "\x00" in name:
-        problem = "name can't contain NUL"
-    elif "/" in name:
-        problem = "name can't contain '/'"
-    elif name.startswith("."):
-        problem = "name can't start with '.'"
-    elif len(name) > MAX_SNAPSHOT_NAME_LENGTH:
-        problem = f"name can't be longer than {MAX_SNAPSHOT_NAME_LENGTH} characters"
-        name = name[:40] + "..."
-    else:
-        return
-    raise _error(ErrorCode.XML_DETAIL, f"invalid snapshot name '{_show(name)}': {problem}")
-
-
-# --------------------------------------------------------------------------
-# Parsing helpers (XPath semantics as libvirt uses them)
 
 
 def _parse_root(text: str | bytes) -> etree._Element:
@@ -514,7 +485,7 @@ def apply_creation_defaults(snap: SnapshotDef, *, creation_time: int) -> Snapsho
 # Formatting
 
 
-def _libvirt_escape(value: str) -> str:
+def libvirt_escape(value: str) -> str:
     """Text as libvirt's virBufferEscapeString writes it (quotes escaped, controls dropped)."""
     out: list[str] = []
     for char in value:
@@ -533,7 +504,7 @@ def _libvirt_escape(value: str) -> str:
     return "".join(out)
 
 
-def _needs_libvirt_escape(value: str) -> bool:
+def _needslibvirt_escape(value: str) -> bool:
     return any(c in "'\"" or (c < " " and c not in "\t\n\r") for c in value)
 
 
@@ -553,10 +524,10 @@ class _Placeholders:
 
     def text(self, value: str) -> str:
         """``value`` for an element's text, escaped the way libvirt escapes it."""
-        if not _needs_libvirt_escape(value):
+        if not _needslibvirt_escape(value):
             return value
         token = self._token()
-        self._values[token] = _libvirt_escape(value)
+        self._values[token] = libvirt_escape(value)
         return token
 
     def raw(self, replacement: str) -> etree._Comment:
