@@ -279,19 +279,24 @@ class Migration:
         """Finish an interrupted migration (safe to run twice)."""
         self._hold()
         try:
-            j = self.status()
-            if j is None:
-                raise VirtError(
-                    ErrorCode.OPERATION_INVALID,
-                    f"domain '{self.dom.name()}' has no storage migration to resume",
-                )
+            j = self._unfinished("resume")
             if j.state != "running":
                 return j
-            self.journal = j
             self._restart_if_needed()
             return self._run()
         finally:
             self._lock.release()
+
+    def _unfinished(self, verb: str) -> Journal:
+        """The domain's journal (made current), or an error naming ``verb``."""
+        j = self.status()
+        if j is None:
+            raise VirtError(
+                ErrorCode.OPERATION_INVALID,
+                f"domain '{self.dom.name()}' has no storage migration to {verb}",
+            )
+        self.journal = j
+        return j
 
     def _restart_if_needed(self) -> None:
         """QEMU died: start the domain again on the consistent chain (R10)."""
@@ -640,15 +645,9 @@ class Migration:
         """Return every disk that has not pivoted to the source (safe to run twice)."""
         self._hold()
         try:
-            j = self.status()
-            if j is None:
-                raise VirtError(
-                    ErrorCode.OPERATION_INVALID,
-                    f"domain '{self.dom.name()}' has no storage migration to abort",
-                )
+            j = self._unfinished("abort")
             if j.state != "running":
                 return j
-            self.journal = j
             pivoted = [m.target for m in j.disks if m.step.order >= Step.PIVOTED.order]
             for move in j.disks:
                 if move.step.order < Step.PIVOTED.order:
