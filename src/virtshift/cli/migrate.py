@@ -13,6 +13,25 @@ from virtshift.cli.main import _domain, _Fail, _run, cli
 MIB = 1024 * 1024
 
 
+def _domain_or_journal(ctx: click.Context, name: str) -> Any:
+    """The domain; for a transient domain whose QEMU died (and which therefore no
+    longer exists) a handle by name, so that its journal can still be resumed."""
+    from virtshift import libvirt as lv
+    from virtshift.cli.main import _conn
+    from virtshift.migrate.engine import Migration
+
+    try:
+        return _domain(ctx, name)
+    except lv.libvirtError as err:
+        if err.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+            raise
+        handle = lv.virDomain(_conn(ctx), name, "")
+        j = Migration(handle).status()
+        if j is None:
+            raise
+        return lv.virDomain(_conn(ctx), name, j.uuid)
+
+
 def _print_journal(j: Any) -> None:
     click.echo(f"Domain:       {j.domain}")
     click.echo(f"Destination:  {j.dest}")
@@ -76,7 +95,7 @@ def migrate_storage(
         raise click.UsageError("--resume and --abort are mutually exclusive")
     if not (resume or abort) and not dest:
         raise click.UsageError("--dest is required (or --resume / --abort)")
-    dom = _domain(ctx, domain)
+    dom = _domain_or_journal(ctx, domain) if (resume or abort) else _domain(ctx, domain)
     bar: Any = None
     tasks: dict[str, Any] = {}
     t0 = time.monotonic()
@@ -152,7 +171,7 @@ def migrate_storage_status(ctx: click.Context, /, domain: str, as_json: bool) ->
     domain holds the consistent chain, timeline."""
     from virtshift.migrate.engine import Migration, describe
 
-    j = Migration(_domain(ctx, domain)).status()
+    j = Migration(_domain_or_journal(ctx, domain)).status()
     if j is None:
         raise _Fail(f"domain '{domain}' has no storage migration", 3)
     if as_json:

@@ -298,9 +298,18 @@ class Migration:
         self.journal = j
         return j
 
+    def _active(self) -> bool:
+        """Whether the domain runs; a transient domain whose QEMU died no longer exists."""
+        try:
+            return bool(self.dom.isActive())
+        except lv.libvirtError as err:
+            if err.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+                return False
+            raise
+
     def _restart_if_needed(self) -> None:
         """QEMU died: start the domain again on the consistent chain (R10)."""
-        if self.dom.isActive():
+        if self._active():
             return
         j = self.journal
         assert j is not None
@@ -317,8 +326,10 @@ class Migration:
             self.dom = self.conn.createXML(j.domain_xml, 0)
             note += "started a transient domain (createXML) on the consistent chain"
         j = j.note(time.time(), note)
-        # every disk that had not pivoted starts its move again from its current chain
-        stamp = str(int(time.time()))
+        # every disk that had not pivoted starts its move again from its current chain,
+        # under a name no earlier attempt used (names carry the stamp)
+        used = [int(m.snapshot.rsplit("-", 1)[-1]) for m in j.disks if m.snapshot[-1:].isdigit()]
+        stamp = str(max([int(time.time()), *(u + 1 for u in used)]))
         moves = []
         for move in j.disks:
             if move.step.order < Step.PIVOTED.order:
@@ -372,7 +383,7 @@ class Migration:
         t0 = time.time()
         step = move.step
         if step == Step.PLANNED:
-            self._make_overlays(move)
+            move = self._make_overlays(move)
             self._set(move, Step.OVERLAYS, t0)
         elif step == Step.OVERLAYS:
             self._snapshot(move)
@@ -404,7 +415,7 @@ class Migration:
         self._save(j.with_disk(move))
         return move
 
-    def _make_overlays(self, move: DiskMove) -> None:
+    def _make_overlays(self, move: DiskMove) -> DiskMove:
         move = self._record_created(move, move.overlay, move.mirror)  # intent first
         top = move.layers[0]
         for path in (move.overlay, move.mirror):
@@ -424,6 +435,7 @@ class Migration:
             move.mirror,
             str(top.virtual_size),
         )
+        return move
 
     def _agent_answers(self) -> bool:
         from virtshift.qmp.agent import GuestAgent
@@ -518,23 +530,12 @@ class Migration:
                     f"copy '{info.get('filename')}' does not match '{layer.path}' (format or size)",
                 )
         if j.verify == "full":
+            # each layer on its own (its backing left out): a damaged layer is named,
+            # and lower layers are read once
             for layer, dst in zip(move.layers, move.dest_layers, strict=True):
-                res = subprocess.run(
-                    [
-                        "qemu-img",
-                        "compare",
-                        "-U",
-                        "-f",
-                        layer.format,
-                        "-F",
-                        layer.format,
-                        layer.path,
-                        dst,
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
+                argv = ["qemu-img", "compare", "-U", _alone(layer.path, layer.format),
+                        _alone(dst, layer.format)]  # fmt: skip
+                res = subprocess.run(argv, capture_output=True, text=True, check=False)
                 if res.returncode != 0:
                     raise VirtError(
                         ErrorCode.OPERATION_FAILED,
@@ -625,14 +626,15 @@ class Migration:
     def _cleanup_unpivoted(self, move: DiskMove) -> None:
         """Stop a disk's mirror, drop its snapshot metadata and the files the move
         created on the destination.  The disk stays on its source chain."""
-        if self.dom.isActive() and self.dom.blockJobInfo(move.target, 0):
+        active = self._active()
+        if active and self.dom.blockJobInfo(move.target, 0):
             try:
                 self.dom.blockJobAbort(move.target, 0)
             except lv.libvirtError as err:
                 _log.warning("cancelling the mirror of %s: %s", move.target, err)
         self._drop_snapshot_metadata(move)
         chain = set()
-        if self.dom.isActive():
+        if active:
             chain = {p for p, _f, _t in self._live_chain(move.target)}
         for path in move.created:
             if path in chain:
@@ -658,6 +660,14 @@ class Migration:
             return self._save(dataclasses.replace(j, state="aborted").note(time.time(), note))
         finally:
             self._lock.release()
+
+
+def _alone(path: str, fmt: str) -> str:
+    """An image opened without its backing chain (``json:`` filename for qemu-img)."""
+    spec: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+    if fmt != "raw":
+        spec["backing"] = None
+    return "json:" + json.dumps(spec)
 
 
 def _mirror_snapshot_xml(move: DiskMove, dest: str, targets: list[str]) -> str:
