@@ -348,6 +348,7 @@ class virConnect:
         self._snapshots: Any = None
         self._jobs: Any = None
         self.domainEventCallbackID: dict[int, Any] = {}
+        self._job_service()  # plugs job reconciliation into every locked operation
 
     # -- connection -----------------------------------------------------------
 
@@ -628,6 +629,10 @@ class virDomain:
             "virDomainGetXMLDesc",
         )
         rec = self._record()
+        if rec.status is not None and any(not j.state.ended for j in rec.status.jobs):
+            # jobs may have moved on in QEMU: apply that if nobody holds the lock
+            self._jobs.refresh(self._name)
+            rec = self._record()
         if flags & VIR_DOMAIN_XML_INACTIVE:
             if rec.config is not None:
                 return format_domain(rec.config, inactive=True)

@@ -3,7 +3,9 @@
 ``--wait`` returns the job's real outcome as the exit status (0 completed or
 ready as asked, 1 failed or cancelled); ``--verbose`` draws a live progress
 bar on stderr.  While one process waits, others can query, pivot, abort or
-change the speed of the same job (the waiter holds no lock).
+change the speed of the same job (the waiter holds no lock).  A copy that
+another process pivoted while ``blockcopy --wait`` waited says so (exit 0;
+exit 1 with ``--finish``, whose "stay on the source" can no longer be met).
 """
 
 from __future__ import annotations
@@ -194,6 +196,17 @@ def blockcopy(
     )
     from virtshift.model.job import JobState
 
+    if job.state == JobState.COMPLETED:
+        # ended while we waited, and not by us: a copy that ends completed was
+        # pivoted (one that ended on the source is CANCELLED), by another process
+        if finish:
+            raise _Fail(
+                "Block Copy was pivoted by another process: the disk is on the copy, "
+                "not on the source",
+                1,
+            )
+        click.echo("\nBlock Copy complete: another process pivoted the disk to the copy")
+        return
     if job.state != JobState.READY:
         _outcome(job, "")
         return
@@ -376,9 +389,12 @@ def blockjob(
         speed_flags = lv.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES if in_bytes else 0
         dom.blockJobSetSpeed(path, bandwidth, speed_flags)
         return
-    got = dom.blockJobInfo(path, lv.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+    # virsh: --raw lists the bandwidth in MiB/s unless --bytes; the summary in bytes/s
+    info_flags = lv.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES if in_bytes or not raw else 0
+    got = dom.blockJobInfo(path, info_flags)
     if not got:
-        click.echo(f"No current block job for {path}")
+        if not raw:  # virsh's --raw prints nothing when there is no job
+            click.echo(f"No current block job for {path}")
         return
     if raw:
         click.echo(
@@ -386,7 +402,15 @@ def blockjob(
             f"\n cur={got['cur']}\n end={got['end']}"
         )
         return
-    pct = 100 if not got["end"] else int(100 * got["cur"] / got["end"])
+    if got["end"]:
+        pct = int(100 * got["cur"] / got["end"])
+    else:
+        # QEMU says 0 of 0 until a job has sized its work: that is 0 %, not 100 %
+        # (libvirt reports end=1 then), unless the job is recorded ready
+        from virtshift.model.job import JobState
+
+        job = _active_job(dom, path)
+        pct = 100 if job is not None and job.state == JobState.READY else 0
     click.echo(f"{_LABEL.get(got['type'], 'Unknown job')}: [{pct:3d} %]")
     if got["bandwidth"]:
         bw = got["bandwidth"]

@@ -88,6 +88,8 @@ class BlockJobs:
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
+        if driver.on_monitor is None:
+            driver.on_monitor = self.reconcile
 
     # -- status bookkeeping ------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class BlockJobs:
             else:
                 assert job.mirror is not None
                 live = plans.after_pivot(live, job, job.mirror)
+        self._release_nodes(mon, st.domain, live, job.disk)
         self._put(name, job, domain=live)
         rec = self.driver.record(name)
         new_disk = live.disk(job.disk)
@@ -210,6 +213,25 @@ class BlockJobs:
             except OSError as err:
                 _log.warning("cannot delete '%s' after commit: %s", path, err)
         return job
+
+    def _release_nodes(self, mon: Monitor, before: Any, after: Any, disk: str) -> None:
+        """``blockdev-del`` the layers a job took out of the disk's chain (top first),
+        so QEMU closes them and releases their locks, as libvirt does."""
+        old = before.disk(disk)
+        new = after.disk(disk)
+        if old is None or new is None:
+            return
+        keep = {x.index for d in after.disks for x in d.source.chain()}
+        if new.mirror is not None:
+            keep |= {x.index for x in new.mirror.source.chain()}
+        for layer in old.source.chain():
+            if layer.index is None or layer.index in keep:
+                continue
+            for node in (format_node(layer.index), storage_node(layer.index)):
+                try:
+                    mon.execute("blockdev-del", {"node-name": node})
+                except QMPError as err:  # implicit nodes (snapshot overlays) go by themselves
+                    _log.debug("blockdev-del %s: %s", node, err)
 
     def _drop_mirror(self, name: str, mon: Monitor, job: BlockJob) -> None:
         for node in job.added_nodes:
@@ -521,8 +543,8 @@ class BlockJobs:
                 if status == "concluded" or (status == "ready" and job.state == JobState.RUNNING):
                     concluded = True
             if concluded:
-                with self.driver.monitor(name, "block job update") as (_rec, mon):
-                    self.reconcile(name, mon)
+                with self.driver.monitor(name, "block job update"):
+                    pass  # opening it under the lock reconciles (Driver.on_monitor)
                 continue
             if deadline is not None and time.monotonic() > deadline:
                 raise VirtError(ErrorCode.OPERATION_TIMEOUT, f"block job '{job_id}' still running")
@@ -541,8 +563,7 @@ class BlockJobOps(BlockJobs):
         @contextlib.contextmanager
         def cm() -> Any:
             with self.driver.monitor(name, what) as (_rec, mon):
-                self.reconcile(name, mon)
-                yield self._status(name), mon
+                yield self._status(name), mon  # reconciled by the driver's hook
 
         return cm()
 
@@ -692,8 +713,8 @@ class BlockJobOps(BlockJobs):
         when no process was connected when it ended; they never wait for the lock.
         """
         try:
-            with self.driver.monitor(name, "block job update", timeout=0) as (_rec, mon):
-                self.reconcile(name, mon)
+            with self.driver.monitor(name, "block job update", timeout=0):
+                pass  # opening it under the lock reconciles (Driver.on_monitor)
             return True
         except VirtError as err:
             if err.code != ErrorCode.OPERATION_TIMEOUT:
@@ -724,18 +745,21 @@ class BlockJobOps(BlockJobs):
         if job is None or job.state.ended:
             return None
         q = next((x for x in qjobs if x.get("device") == job.job_id), None)
-        if q is None:  # concluded, not yet applied: report it as finished
-            return {
-                "type": job.type.libvirt,
-                "bandwidth": job.bandwidth,
-                "cur": job.end or 1,
-                "end": job.end or 1,
-            }
+        if q is None or q.get("status") == "concluded":
+            return None  # ended in QEMU; whoever holds the lock now applies it
+        cur, end = int(q.get("offset", 0)), int(q.get("len", 0))
+        ready = bool(q.get("ready"))
+        # libvirt's rules: programs poll for cur == end, so that must mean ready;
+        # 0 of 0 means the job has not sized its work yet
+        if cur == 0 and end == 0:
+            end, cur = 1, 1 if ready else 0
+        elif cur == end and not ready:
+            cur -= 1
         return {
             "type": job.type.libvirt,
             "bandwidth": int(q.get("speed", job.bandwidth)),
-            "cur": int(q.get("offset", 0)),
-            "end": int(q.get("len", 0)),
+            "cur": cur,
+            "end": end,
         }
 
     def block_info(self, name: str, path: str) -> tuple[int, int, int]:

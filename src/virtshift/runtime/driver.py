@@ -37,7 +37,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,10 @@ class Driver:
         self.lock_dir = ensure_dir(self.root / "run" / "lock")
         self.log_dir = ensure_dir(self.root / "log" / "qemu")
         self.lib_dir = ensure_dir(self.root / "lib" / "qemu")
+        #: Called with (domain name, monitor) whenever :meth:`monitor` opens the
+        #: main monitor under the lock: the block-job layer plugs its reconcile in
+        #: here, so that every locked operation first applies jobs QEMU ended.
+        self.on_monitor: Callable[[str, Monitor], None] | None = None
 
     # -- paths --------------------------------------------------------------
 
@@ -461,11 +465,9 @@ class Driver:
 
     def set_paused(self, name: str, paused: bool) -> None:
         """``suspend`` (QMP ``stop``) or ``resume`` (``cont``)."""
-        with self.locked(name, "suspend" if paused else "resume") as rec:
-            if rec.status is None:
-                raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
-            with Monitor(rec.status.monitor).connect() as mon:
-                mon.execute("stop" if paused else "cont")
+        with self.monitor(name, "suspend" if paused else "resume") as (rec, mon):
+            assert rec.status is not None
+            mon.execute("stop" if paused else "cont")
             new = dataclasses.replace(
                 rec.status,
                 state=DomainState.PAUSED if paused else DomainState.RUNNING,
@@ -499,6 +501,9 @@ class Driver:
             if rec.status is None:
                 raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
             with Monitor(rec.status.monitor).connect() as mon:
+                if self.on_monitor is not None and any(not j.state.ended for j in rec.status.jobs):
+                    self.on_monitor(name, mon)
+                    rec = self.record(name)
                 yield rec, mon
 
     @contextlib.contextmanager

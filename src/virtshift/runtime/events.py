@@ -113,8 +113,8 @@ class EventLoop:
                     for j in live
                 )
                 if stale:
-                    with dom._driver.monitor(dom.name(), "event loop") as (_rec, mon):
-                        svc.reconcile(dom.name(), mon)
+                    with dom._driver.monitor(dom.name(), "event loop"):
+                        pass  # opening it under the lock reconciles (Driver.on_monitor)
                     jobs = self._jobs(dom)
             except VirtError as err:
                 _log.debug("event poll of %s: %s", dom.name(), err)
