@@ -235,3 +235,21 @@ def test_chain_refuses_missing_backing_format_and_mismatch() -> None:
             disk="vda",
         )
     assert exc.value.code == ErrorCode.OPERATION_INVALID
+
+
+def test_many_virtio_disks_go_on_pci_bridges() -> None:
+    disks = tuple(
+        _disk(f"vd{chr(97 + i // 26) if i >= 26 else ''}{chr(97 + i % 26)}", f"/i/{i}.qcow2")
+        for i in range(64)
+    )
+    for machine, bridge in (("q35", "pcie-pci-bridge"), ("pc", "pci-bridge")):
+        plan = _plan(Domain(name="vm", uuid="u", memory_kib=1024, machine=machine, disks=disks))
+        devices = [json.loads(plan.argv[i + 1]) for i, a in enumerate(plan.argv) if a == "-device"]
+        bridges = [d for d in devices if d["driver"] == bridge]
+        blk = [d for d in devices if d["driver"] == "virtio-blk-pci"]
+        assert [b["id"] for b in bridges] == ["pci.1", "pci.2"]
+        assert all("bus" not in d for d in blk[:20])
+        assert [(d["bus"], d["addr"]) for d in blk[20:22]] == [("pci.1", "0x1"), ("pci.1", "0x2")]
+        assert (blk[50]["bus"], blk[50]["addr"]) == ("pci.1", "0x1f")
+        assert (blk[51]["bus"], blk[51]["addr"]) == ("pci.2", "0x1")
+        assert len(blk) == 64

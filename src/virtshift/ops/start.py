@@ -206,6 +206,19 @@ def blockdev_layers(layer: StorageSource, *, readonly: bool) -> list[dict[str, A
     return out
 
 
+#: Virtio disks placed on the root PCI bus before bridges are added.
+ROOT_SLOTS = 20
+#: Usable slots of one PCI bridge (slot 0 is the bridge's own).
+BRIDGE_SLOTS = 31
+
+
+def _bridge(machine: str, n: int) -> str:
+    """A PCI bridge ``pci.N`` for the machine type (PCIe root on q35)."""
+    if "q35" in machine:
+        return json.dumps({"driver": "pcie-pci-bridge", "id": f"pci.{n}", "bus": "pcie.0"})
+    return json.dumps({"driver": "pci-bridge", "id": f"pci.{n}", "chassis_nr": n, "bus": "pci.0"})
+
+
 def _device(disk: Disk, alias: str) -> dict[str, Any]:
     bus = disk.bus or "virtio"
     drive = disk.source.node_name
@@ -320,11 +333,26 @@ def plan_start(
     buses = {d.bus or "virtio" for d in live.disks}
     if "scsi" in buses:
         argv += ["-device", json.dumps({"driver": "virtio-scsi-pci", "id": "scsi0"})]
+    virtio_seen = 0
+    bridges = 0
     for disk in live.disks:
         for obj in blockdev_layers(disk.source, readonly=disk.readonly):
             argv += ["-blockdev", json.dumps(obj, separators=(",", ":"))]
         assert disk.alias is not None
-        argv += ["-device", json.dumps(_device(disk, disk.alias), separators=(",", ":"))]
+        dev = _device(disk, disk.alias)
+        if dev["driver"] == "virtio-blk-pci":
+            # the root bus has about 30 free slots: past ROOT_SLOTS disks, PCI
+            # bridges of BRIDGE_SLOTS slots each take them (libvirt adds
+            # controllers the same way)
+            if virtio_seen >= ROOT_SLOTS:
+                k, slot = divmod(virtio_seen - ROOT_SLOTS, BRIDGE_SLOTS)
+                if k + 1 > bridges:
+                    bridges = k + 1
+                    argv += ["-device", _bridge(machine, bridges)]
+                dev["bus"] = f"pci.{k + 1}"
+                dev["addr"] = hex(slot + 1)
+            virtio_seen += 1
+        argv += ["-device", json.dumps(dev, separators=(",", ":"))]
     channels: list[Channel] = []
     port = 0
     for ch in live.channels:

@@ -16,7 +16,6 @@ interpret replies into models, or decide what to do on errors.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -25,7 +24,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # asyncio costs ~20 ms to import; only QEMU-talking calls need it
+    import asyncio
 
 from virtshift.errors import ErrorCode, QMPError, VirtError
 
@@ -47,6 +49,8 @@ class _Loop:
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
+        import asyncio
+
         with cls._lock:
             # A fork child inherits the object but not the thread: start anew.
             if cls._loop is None or cls._pid != os.getpid():
@@ -60,6 +64,8 @@ class _Loop:
 
 
 def _run(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
+    import asyncio
+
     fut = asyncio.run_coroutine_threadsafe(coro, _Loop.get())
     try:
         return fut.result(timeout)
@@ -134,6 +140,8 @@ class Monitor:
         return self
 
     async def _connect(self, sock: socket.socket) -> None:
+        import asyncio
+
         await self._client.connect(sock)
         greeting = self._client.greeting
         if greeting is not None:

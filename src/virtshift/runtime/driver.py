@@ -109,6 +109,7 @@ class Driver:
         self.lock_dir = ensure_dir(self.root / "run" / "lock")
         self.log_dir = ensure_dir(self.root / "log" / "qemu")
         self.lib_dir = ensure_dir(self.root / "lib" / "qemu")
+        self._parsed: dict[Path, tuple[tuple[int, int, int], Any]] = {}
         #: Called with (domain name, monitor) whenever :meth:`monitor` opens the
         #: main monitor under the lock: the block-job layer plugs its reconcile in
         #: here, so that every locked operation first applies jobs QEMU ended.
@@ -153,20 +154,35 @@ class Driver:
     def _exists(self, name: str) -> bool:
         return self.config_path(name).exists() or self._read_status(name) is not None
 
-    def _read_config(self, name: str) -> Domain | None:
+    def _cached(self, path: Path, parse: Callable[[bytes], Any]) -> Any:
+        """Parse ``path``, reusing the last result while the file is the same file.
+
+        State files are only ever replaced by rename (``write_atomic``), so a file
+        with the same inode, size and mtime has the same content.  Returns None
+        when the file does not exist.
+        """
         try:
-            text = self.config_path(name).read_bytes()
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                hit = self._parsed.get(path)
+                if hit is not None and hit[0] == key:
+                    return hit[1]
+                text = f.read()
         except FileNotFoundError:
             return None
-        return parse_domain(text)
+        value = parse(text)
+        self._parsed[path] = (key, value)
+        return value
+
+    def _read_config(self, name: str) -> Domain | None:
+        return self._cached(self.config_path(name), parse_domain)  # type: ignore[no-any-return]
 
     def _read_status(self, name: str) -> DomainStatus | None:
         """The status if its QEMU is still the one recorded and alive."""
-        try:
-            text = self.status_path(name).read_bytes()
-        except FileNotFoundError:
+        status: DomainStatus | None = self._cached(self.status_path(name), parse_status)
+        if status is None:
             return None
-        status = parse_status(text)
         if not _qemu_alive(status):
             return None
         return status

@@ -52,7 +52,13 @@ from virtshift.errors import ErrorCode, ErrorDomain, VirtError
 from virtshift.model.domain import Channel, Disk, Domain, Mirror, StorageSource
 from virtshift.xml.safe import parse_document, serialize_document
 
-__all__ = ["format_domain", "parse_domain", "validate_domain"]
+__all__ = [
+    "domain_element",
+    "format_domain",
+    "parse_disk_source",
+    "parse_domain",
+    "validate_domain",
+]
 
 _WHAT: Final = "domain definition"
 
@@ -942,6 +948,11 @@ def _domain_element(dom: Domain, *, inactive: bool) -> etree._Element:
         channels = [_channel_element(c, inactive=inactive) for c in dom.channels]
         _fill_slots(devices, "channel", channels, _DEVICES_ORDER)
     return root
+
+
+def domain_element(dom: Domain, *, inactive: bool = False) -> etree._Element:
+    """Like :func:`format_domain`, but the element, for embedding in another document."""
+    return _domain_element(dom, inactive=inactive)
 
 
 def format_domain(dom: Domain, *, inactive: bool = False) -> str:

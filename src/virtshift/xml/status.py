@@ -56,8 +56,8 @@ from virtshift.errors import ErrorCode, VirtError
 from virtshift.model.domain import Disk, Domain, StorageSource
 from virtshift.model.job import BlockJob, JobState, JobType, Trigger
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
-from virtshift.xml.domain import format_domain, parse_domain
-from virtshift.xml.safe import parse_document, serialize_document
+from virtshift.xml.domain import domain_element, parse_domain
+from virtshift.xml.safe import parse_document
 
 __all__ = ["fill_node_names", "format_status", "parse_status"]
 
@@ -85,8 +85,11 @@ def format_status(status: DomainStatus) -> str:
         jobs = etree.SubElement(root, "blockjobs", active="yes")
         for job in status.jobs:
             jobs.append(_job_element(job))
-    root.append(etree.fromstring(format_domain(status.domain).encode()))
-    return serialize_document(root)
+    root.append(domain_element(status.domain))
+    # An internal file, read and written on every change: lxml's C serializer
+    # (quoting style does not matter here; libvirt-exact text is for user XML).
+    etree.indent(root, space="  ")
+    return etree.tostring(root, encoding="unicode") + "\n"
 
 
 #: Which ``<source>`` attribute holds a mirror layer's path, per storage type
