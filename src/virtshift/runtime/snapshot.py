@@ -154,7 +154,11 @@ def _thaw(agent: GuestAgent | None, frozen: bool) -> VirtError | None:
 
 
 def _tops(mon: Monitor) -> dict[str, str | None]:
-    return {d.alias or d.qdev: d.node_name for d in parse_query_block(mon.execute("query-block"))}
+    return {
+        d.alias: d.node_name
+        for d in parse_query_block(mon.execute("query-block"))
+        if d.alias is not None
+    }
 
 
 def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monitor) -> Domain:
@@ -169,7 +173,11 @@ def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monito
     """
     assert rec.status is not None
     before = preflight(plan)
-    tops = _tops(mon) if plan.use_transaction else {}
+    # what QEMU's graph must look like if a transaction fails: our record of each
+    # disk's top node (no query before the transaction: it is on the hot path)
+    tops: dict[str, str | None] = {
+        d.alias: d.source.node_name for d in rec.status.domain.disks if d.alias is not None
+    }
     agent = _agent(rec, plan)
     frozen = False
     done: list[OverlayPlan] = []
@@ -476,6 +484,7 @@ class Snapshots:
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
+        self._parsed: dict[str, SnapshotDef] = {}
 
     def store(self, domain: str) -> SnapshotStore:
         return SnapshotStore(self.driver.snapshot_dir(domain))
@@ -483,9 +492,14 @@ class Snapshots:
     def load(self, domain: str) -> tuple[SnapshotTree, dict[str, SnapshotDef]]:
         """The domain's snapshot tree and definitions."""
         defs: dict[str, SnapshotDef] = {}
+        seen: dict[str, SnapshotDef] = {}
         for name, text in self.store(domain).read_all().items():
-            snap = parse_snapshot(text, redefine=True, internal=True)
+            # parsing (with the embedded domain) is the cost, reading is cheap: reuse
+            # the definition of a document this object has parsed before
+            snap = self._parsed.get(text) or parse_snapshot(text, redefine=True, internal=True)
+            seen[text] = snap
             defs[snap.name or name] = snap
+        self._parsed = seen
         currents = sorted(
             (d for d in defs.values() if d.current), key=lambda d: d.creation_time or 0
         )
@@ -560,7 +574,7 @@ class Snapshots:
             take_snapshot(self.driver, rec, plan)
             if plan.metadata:
                 new = tree.add(_node(plan.snapshot), make_current=True)
-                self._write(domain, before.uuid, plan.snapshot, current=True)
+                # writes the new snapshot and the old current one (no longer current)
                 self._sync(domain, before.uuid, tree, new, {**defs, snap.name: plan.snapshot})
             return plan.snapshot, plan.metadata
 
