@@ -720,3 +720,19 @@ def test_render_names() -> None:
     assert render_names(["s2", "s3"]) == "s2\ns3\n"
     assert render_names([]) == ""
     assert render_names(["s3", "s6"], {"s3": None, "s6": "s3"}) == "s3\ns6\ts3\n"
+
+
+def test_tree_of_a_very_long_chain() -> None:
+    """A chain deeper than Python's recursion limit renders and walks."""
+    nodes = [
+        SnapNode(name=f"s{i:04d}", parent=f"s{i - 1:04d}" if i else None, creation_time=i,
+                 state="disk-snapshot", external=True)
+        for i in range(2500)
+    ]  # fmt: skip
+    tree = SnapshotTree(nodes, current="s2499")
+    lines = render_tree(tree).splitlines()
+    assert lines[0] == "s0000"
+    assert lines[-2].strip() == "+- s2499"
+    assert len(lines) == 2 * 2500
+    assert tree.list(1024)[-1] == "s2499"
+    assert len(tree.descendants("s0000")) == 2499

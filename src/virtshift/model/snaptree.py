@@ -562,15 +562,20 @@ def render_tree(tree: SnapshotTree, *, start: str | None = None) -> str:
 def _tree_lines(
     tree: SnapshotTree, name: str, *, indent: str, root: bool, last: bool, out: list[str]
 ) -> None:
-    out.append(indent + ("" if root else "+- ") + name)
-    inner = indent if root else indent + (" " if last else "|") + " "
-    kids = tree.children(name)
-    if kids:
-        out.append(inner + "  |")
-    for i, kid in enumerate(kids):
-        _tree_lines(tree, kid, indent=inner + "  ", root=False, last=i == len(kids) - 1, out=out)
-    if not kids and last:
-        out.append(inner)
+    # iterative (a chain of thousands of snapshots is deeper than Python's
+    # recursion limit); every line of a node depends only on the node itself
+    stack: list[tuple[str, str, bool, bool]] = [(name, indent, root, last)]
+    while stack:
+        name, indent, root, last = stack.pop()
+        out.append(indent + ("" if root else "+- ") + name)
+        inner = indent if root else indent + (" " if last else "|") + " "
+        kids = tree.children(name)
+        if kids:
+            out.append(inner + "  |")
+            for i in reversed(range(len(kids))):
+                stack.append((kids[i], inner + "  ", False, i == len(kids) - 1))
+        elif last:
+            out.append(inner)
 
 
 def format_creation_time(seconds: int) -> str:
