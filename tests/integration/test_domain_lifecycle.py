@@ -263,3 +263,31 @@ def test_list_filters(conn, two_disks) -> None:
     assert len(conn.listDomainsID()) == 1
     conn.lookupByName("t-on").destroy()
     assert names(0) == ["p-off"]
+
+
+def test_sata_and_scsi_disks(conn, images: Path) -> None:
+    """IDE/SATA and SCSI disks start, snapshot and copy like virtio ones (QEMU names
+    them by bare id in query-block, virtio ones by QOM path)."""
+    disks = [
+        (t, make_image(images / f"{t}.qcow2"), b)
+        for t, b in (("vda", "virtio"), ("sdb", "sata"), ("sdc", "scsi"))
+    ]
+    xml = domain_xml("buses", [(t, p, "qcow2") for t, p, _b in disks])
+    for t, _p, b in disks:
+        xml = xml.replace(f"<target dev='{t}' bus='virtio'/>", f"<target dev='{t}' bus='{b}'/>")
+    dom = conn.createXML(xml, 0)
+    live = etree.fromstring(dom.XMLDesc(0).encode())
+    assert [a.get("name") for a in live.findall("devices/disk/alias")] == [
+        "virtio-disk0",
+        "sata0-0-1",
+        "scsi0-0-0-2",
+    ]
+    dom.snapshotCreateXML(
+        "<domainsnapshot><name>s</name></domainsnapshot>",
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
+    )
+    live = etree.fromstring(dom.XMLDesc(0).encode())
+    assert [s.get("file") for s in live.findall("devices/disk/source")] == [
+        str(images / f"{t}.s") for t, _p, _b in disks
+    ]
+    dom.destroy()

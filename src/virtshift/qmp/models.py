@@ -65,7 +65,11 @@ class BlockDevice:
 
     @property
     def alias(self) -> str | None:
-        """The device id ('virtio-disk0') from the qdev path."""
+        """The device id ('virtio-disk0').  QEMU gives virtio devices as a QOM path
+        (``/machine/peripheral/virtio-disk0/virtio-backend``) but IDE/SATA and SCSI
+        disks by their bare id (``sata0-0-1``)."""
+        if self.qdev and "/" not in self.qdev:
+            return self.qdev
         parts = self.qdev.split("/")
         if len(parts) >= 4 and parts[1] == "machine" and parts[2] == "peripheral":
             return parts[3]
