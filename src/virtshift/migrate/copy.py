@@ -67,21 +67,35 @@ def copy_sparse(
             os.ftruncate(dfd, size)
             done = 0
             t0 = time.monotonic()
+            kernel_copy = hasattr(os, "copy_file_range")
             for start, end in ranges:
                 pos = start
                 while pos < end:
                     n = min(CHUNK, end - pos)
-                    buf = os.pread(sfd, n, pos)
-                    if not buf:
-                        raise OSError(errno.EIO, f"short read of '{src}' at {pos}")
-                    view = memoryview(buf)
-                    off = pos
-                    while view:
-                        w = os.pwrite(dfd, view, off)
-                        view = view[w:]
-                        off += w
-                    pos += len(buf)
-                    done += len(buf)
+                    copied = 0
+                    if kernel_copy:
+                        # in-kernel copy: no trip through user space (and reflinks
+                        # or server-side copies where the file system offers them)
+                        try:
+                            copied = os.copy_file_range(sfd, dfd, n, pos, pos)
+                        except OSError as err:
+                            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                                 errno.EOPNOTSUPP):  # fmt: skip
+                                raise
+                            kernel_copy = False
+                    if not copied:
+                        buf = os.pread(sfd, n, pos)
+                        if not buf:
+                            raise OSError(errno.EIO, f"short read of '{src}' at {pos}")
+                        view = memoryview(buf)
+                        off = pos
+                        while view:
+                            w = os.pwrite(dfd, view, off)
+                            view = view[w:]
+                            off += w
+                        copied = len(buf)
+                    pos += copied
+                    done += copied
                     if progress is not None:
                         progress(done, total)
                     if bandwidth > 0:

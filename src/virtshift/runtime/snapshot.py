@@ -338,7 +338,7 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
         jobs.reconcile(rec.name, mon)
         rec = driver.record(rec.name)
         before = preflight(plan)
-        if plan.reuse:
+        if plan.reuse and any(ov.mirror is not None for ov in plan.overlays):
             _check_reused_mirrors(plan, mon, rec)
         take_live(driver, rec, plan, mon)
         mirrored = [ov for ov in plan.overlays if ov.mirror is not None]
