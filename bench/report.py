@@ -238,7 +238,7 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
             if not ph:
                 continue
             bottom = 0.0
-            keys = [k for k in ph if k != "pivot-pause"]
+            keys = [k for k in ph if k not in ("pivot-pause", "reopen-mirror")]
             for i, k in enumerate(keys):
                 ax.bar(xpos, ph[k], bottom=bottom, color=f"C{i % 10}", edgecolor="white")
                 if ph[k] > 0.06 * max(1e-9, sum(ph[x] for x in keys)):

@@ -188,7 +188,7 @@ def run_demo(keep: bool = False) -> int:
             rate = mib / copy_s if copy_s else 0.0
             steps = ", ".join(f"{k} {v:.3f}s" for k, v in m.timings.items())
             click.echo(f"  {m.target}: {steps}")
-            pivot_ms = m.timings.get("pivot-pause", 0.0) * 1000
+            pivot_ms = m.timings.get("reopen-mirror", 0.0) * 1000
             click.echo(
                 f"        copied {mib:.1f} MiB at {rate:.0f} MiB/s; "
                 f"pivot (REOPEN_MIRROR: verify, attach, switch) {pivot_ms:.1f} ms"

@@ -395,8 +395,8 @@ class Migration:
             self._verify(move)
             self._set(move, Step.VERIFIED, t0)
         elif step == Step.VERIFIED:
-            pause = self._pivot(move)
-            self._set(move, Step.PIVOTED, t0, extra={"pivot-pause": pause})
+            call = self._pivot(move)  # REOPEN_MIRROR's duration: verify, attach, switch
+            self._set(move, Step.PIVOTED, t0, extra={"reopen-mirror": call})
         elif step == Step.PIVOTED:
             self._merge(move)
             self._set(move, Step.MERGED, t0)
@@ -598,6 +598,7 @@ class Migration:
                     ErrorCode.OPERATION_TIMEOUT, f"merge of disk '{move.target}' too slow"
                 )
             time.sleep(0.02)
+        self.dom._jobs.refresh(self.dom.name(), wait=True)  # the result is applied
         chain = [p for p, _f, _t in self._live_chain(move.target)]
         if old_top in chain:
             raise VirtError(

@@ -706,14 +706,16 @@ class BlockJobOps(BlockJobs):
         with self._locked(name, "block job speed") as (st, mon):
             return self.set_speed(name, mon, self._job(st, disk), speed)
 
-    def refresh(self, name: str) -> bool:
-        """Apply jobs QEMU has ended, if the domain lock is free right now.
+    def refresh(self, name: str, *, wait: bool = False) -> bool:
+        """Apply jobs QEMU has ended, if the domain lock is free right now (or, with
+        ``wait``, once it is).
 
         Read-only calls use this so that a finished job is reported finished even
-        when no process was connected when it ended; they never wait for the lock.
+        when no process was connected when it ended.
         """
         try:
-            with self.driver.monitor(name, "block job update", timeout=0):
+            timeout = None if wait else 0
+            with self.driver.monitor(name, "block job update", timeout=timeout):
                 pass  # opening it under the lock reconciles (Driver.on_monitor)
             return True
         except VirtError as err:
@@ -737,7 +739,9 @@ class BlockJobOps(BlockJobs):
                 )
             )
         ]
-        if stale and self.refresh(name):
+        # a job QEMU has ended is applied before it is reported gone, so that a
+        # program that polls until {} and then reads the XML sees the result
+        if stale and self.refresh(name, wait=True):
             rec, qjobs = self.query(name)
         assert rec.status is not None
         d = plans.resolve_disk(rec.status.domain, disk)
