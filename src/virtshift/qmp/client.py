@@ -120,24 +120,38 @@ class Monitor:
     def connect(self) -> Monitor:
         """Connect and negotiate capabilities.
 
-        :raise VirtError: OPERATION_FAILED when the socket cannot be reached.
+        A monitor whose previous client died mid-command may hand that command's
+        reply to the next client before the greeting (seen after SIGKILLs); such
+        a connection is dropped and made again, a few times.
+
+        :raise VirtError: OPERATION_FAILED when the socket cannot be reached or
+            QEMU does not greet.
         """
-        try:
-            sock = connect_unix(self.path)
-        except OSError as err:
-            raise VirtError(
-                ErrorCode.OPERATION_FAILED,
-                f"cannot connect to QEMU monitor '{self.path}': {err.strerror}",
-            ) from err
-        try:
-            _run(self._connect(sock), self.timeout)
-        except Exception as err:
-            sock.close()
-            raise VirtError(
-                ErrorCode.OPERATION_FAILED,
-                f"QEMU monitor '{self.path}' did not answer: {err}",
-            ) from err
-        return self
+        from qemu.qmp import QMPClient
+
+        for attempt in range(4):
+            try:
+                sock = connect_unix(self.path)
+            except OSError as err:
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"cannot connect to QEMU monitor '{self.path}': {err.strerror}",
+                ) from err
+            try:
+                _run(self._connect(sock), self.timeout)
+                return self
+            except Exception as err:
+                sock.close()
+                greeting = "Greeting" in str(err) or "Negotiat" in str(err)
+                if not greeting or attempt == 3:
+                    raise VirtError(
+                        ErrorCode.OPERATION_FAILED,
+                        f"QEMU monitor '{self.path}' did not answer: {err}",
+                    ) from err
+                _log.debug("monitor %s: bad greeting (%s), connecting again", self.path, err)
+                self._client = QMPClient(name=os.path.basename(self.path))
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
 
     async def _connect(self, sock: socket.socket) -> None:
         import asyncio
