@@ -460,7 +460,6 @@ def _copy_layer(src: Path, dst: Path, backing_rel: str | None) -> None:
             "qcow2",
             "-O",
             "qcow2",
-            *(["-B", backing_rel, "-F", "qcow2"] if False else []),
             str(src),
             str(dst),
         ],
