@@ -403,27 +403,18 @@ def _ovirt_setup(conn, images: Path):
     return dom, sd1, sd2, base, snap1
 
 
+def _precreate_dest_top(sd2: Path) -> None:
+    """Snapshot 2 on storage domain 2, backing by relative name onto the copy-to-be
+    of Snapshot 1 (-u: that backing file does not exist yet)."""
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "snap1.qcow2", "-F", "qcow2",
+             str(sd2 / "snap2.qcow2"), "32M")  # fmt: skip
+
+
 def _ovirt_mirror_snapshot(dom, sd1: Path, sd2: Path):
     # oVirt pre-creates Snapshot 2 on storage domain 2, backing by relative name onto
     # the copy-to-be of Snapshot 1
     # (-u: the backing file does not exist yet on the destination)
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "snap1.qcow2",
-            "-F",
-            "qcow2",
-            str(sd2 / "snap2.qcow2"),
-            "32M",
-        ],
-        check=True,
-    )
+    _precreate_dest_top(sd2)
     subprocess.run(
         [
             "qemu-img",
@@ -637,23 +628,7 @@ def test_mirror_that_cannot_start_undoes_the_snapshot(conn, images: Path) -> Non
     # a good mirror that QEMU cannot open for writing (another process holds its
     # lock): the snapshot is taken, the mirror fails to start, the snapshot is undone
     (sd2 / "snap2.qcow2").unlink()
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "snap1.qcow2",
-            "-F",
-            "qcow2",
-            str(sd2 / "snap2.qcow2"),
-            "32M",
-        ],
-        check=True,
-    )
+    _precreate_dest_top(sd2)
     opts = json.dumps(
         {
             "driver": "qcow2",
