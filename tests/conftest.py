@@ -11,6 +11,25 @@ import pytest
 CORPUS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="also run the long variants (tests marked 'long'): the full fault matrix and the "
+        "32-domain load test; `scripts/test --long` runs everything",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long variant: run with `scripts/test --long`")
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """The shared corpus directory; skips the test when it is not there."""
