@@ -101,6 +101,7 @@ def observe(conn: Any, dom: Any, name: str, rec: Recorder) -> None:
     rec.call("XMLDesc", name, lambda: dom.XMLDesc(0))
     rec.call("info", name, lambda: dom.info())
     rec.call("listAllDomains", name, lambda: [d.name() for d in conn.listAllDomains(0)])
+    rec.call("getVersion", name, lambda: conn.getVersion())
 
 
 def snapshot_worker(

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -207,8 +208,10 @@ def test_write_atomic_never_follows_a_planted_temp_symlink(tmp_path: Path) -> No
     victim = tmp_path / "victim"
     victim.write_text("precious")
     target = tmp_path / "s.xml"
-    (tmp_path / f".s.xml.{os.getpid()}.tmp").symlink_to(victim)
+    planted = tmp_path / f".s.xml.{os.getpid()}.{threading.get_native_id()}.tmp"
+    planted.symlink_to(victim)
     write_atomic(target, "state")
+    assert not planted.is_symlink()  # the planted name was the one used, and removed
     assert target.read_text() == "state"
     assert victim.read_text() == "precious"
     assert not target.is_symlink()

@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,6 +139,22 @@ class Driver:
             self.lock_dir / f"{name}.lock",
             what=f"domain '{name}'",
             timeout=_lock_timeout() if timeout is None else timeout,
+        )
+
+    def metadata_lock(self, name: str, *, shared: bool) -> FileLock:
+        """The lock of the domain's snapshot metadata files (not yet taken).
+
+        A writer holds it exclusively, inside the domain lock, only while it
+        rewrites the files of one change; a reader holds it shared while it
+        reads them all.  So a reader never waits for QEMU work, and sees the
+        metadata before a change or after it, never half-way (a new snapshot
+        while the old one is still current, or no current one).
+        """
+        return FileLock(
+            self.lock_dir / f"{name}.snapshots.lock",
+            what=f"snapshot metadata of domain '{name}'",
+            timeout=_lock_timeout(),
+            shared=shared,
         )
 
     def _driver_lock(self) -> FileLock:
@@ -280,7 +297,8 @@ class Driver:
             if rec.status is not None:
                 self._write_status(name, dataclasses.replace(rec.status, persistent=False))
             elif snapdir.exists():
-                shutil.rmtree(snapdir, ignore_errors=True)
+                with self.metadata_lock(name, shared=False).hold("undefine"):
+                    shutil.rmtree(snapdir, ignore_errors=True)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -590,7 +608,7 @@ def _check_name(name: str) -> None:
 def _pid_alive(pid: int) -> bool:
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is not None:
-        del _CHILDREN[pid]
+        _CHILDREN.pop(pid, None)  # another thread may have seen it end too
         return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -694,7 +712,8 @@ def _check_chains(live: Domain, reply: Any) -> Domain:
 
 def _probe_binary(emulator: str, workdir: Path) -> QemuCaps:
     """Start ``emulator`` with no machine, ask for its version and commands."""
-    sock = workdir / f"probe-{os.getpid()}.sock"
+    # per process and thread: concurrent first calls each probe with their own socket
+    sock = workdir / f"probe-{os.getpid()}-{threading.get_native_id()}.sock"
     remove_quietly(sock)
     argv = [
         emulator, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",

@@ -16,11 +16,13 @@ Execution of a :class:`~virtshift.ops.snapshot.SnapshotPlan`:
 Metadata lives in ``lib/qemu/snapshot/DOMAIN/NAME.xml`` (libvirt's internal
 format, with ``<active>`` marking the current one); the tree is rebuilt from
 those files on every call, so it survives restarts and is shared by processes.
-Every change happens under the domain's lock.
+Every change happens under the domain's lock; its file writes also under the
+exclusive metadata lock, which readers take shared (see Driver.metadata_lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -490,10 +492,13 @@ class Snapshots:
         return SnapshotStore(self.driver.snapshot_dir(domain))
 
     def load(self, domain: str) -> tuple[SnapshotTree, dict[str, SnapshotDef]]:
-        """The domain's snapshot tree and definitions."""
+        """The domain's snapshot tree and definitions, as of one moment (the files
+        are read under the shared metadata lock: no change is seen half-done)."""
         defs: dict[str, SnapshotDef] = {}
         seen: dict[str, SnapshotDef] = {}
-        for name, text in self.store(domain).read_all().items():
+        with self.driver.metadata_lock(domain, shared=True).hold("read"):
+            documents = self.store(domain).read_all()
+        for name, text in documents.items():
             # parsing (with the embedded domain) is the cost, reading is cheap: reuse
             # the definition of a document this object has parsed before
             snap = self._parsed.get(text) or parse_snapshot(text, redefine=True, internal=True)
@@ -506,6 +511,10 @@ class Snapshots:
         nodes = [_node(d) for d in defs.values()]
         tree = SnapshotTree(nodes, current=currents[-1].name if currents else None)
         return tree, defs
+
+    def _changing(self, domain: str, operation: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the exclusive metadata lock for the writes of one change."""
+        return self.driver.metadata_lock(domain, shared=False).hold(operation)
 
     def _write(self, domain: str, uuid: str, snap: SnapshotDef, *, current: bool) -> None:
         assert snap.name is not None
@@ -522,7 +531,10 @@ class Snapshots:
         new: SnapshotTree,
         defs: dict[str, SnapshotDef],
     ) -> None:
-        """Write the files whose parent or current flag changed between two trees."""
+        """Write the files whose parent or current flag changed between two trees.
+
+        The caller holds the domain lock and the exclusive metadata lock
+        (:meth:`_changing`), so readers see all of these writes or none."""
         for name, node in new.nodes.items():
             before = old.nodes.get(name)
             snap = defs[name]
@@ -575,7 +587,8 @@ class Snapshots:
             if plan.metadata:
                 new = tree.add(_node(plan.snapshot), make_current=True)
                 # writes the new snapshot and the old current one (no longer current)
-                self._sync(domain, before.uuid, tree, new, {**defs, snap.name: plan.snapshot})
+                with self._changing(domain, "snapshot-create"):
+                    self._sync(domain, before.uuid, tree, new, {**defs, snap.name: plan.snapshot})
             return plan.snapshot, plan.metadata
 
     def _redefine(self, rec: DomainRecord, xml: str, flags: int) -> SnapshotDef:
@@ -603,8 +616,9 @@ class Snapshots:
             )
         new = tree.redefine(_node(snap), make_current=bool(flags & CreateFlags.CURRENT))
         defs[snap.name] = snap
-        self._write(rec.name, uuid, snap, current=new.current == snap.name)
-        self._sync(rec.name, uuid, tree, new, defs)
+        with self._changing(rec.name, "snapshot-create redefine"):
+            self._write(rec.name, uuid, snap, current=new.current == snap.name)
+            self._sync(rec.name, uuid, tree, new, defs)
         return snap
 
     # -- queries ---------------------------------------------------------------
@@ -617,7 +631,8 @@ class Snapshots:
     def set_current(self, domain: str, name: str) -> None:
         with self.driver.locked(domain, "snapshot-current") as rec:
             tree, defs = self.load(domain)
-            self._sync(domain, rec.definition.uuid, tree, tree.set_current(name), defs)
+            with self._changing(domain, "snapshot-current"):
+                self._sync(domain, rec.definition.uuid, tree, tree.set_current(name), defs)
 
     # -- delete -------------------------------------------------------------------
 
@@ -664,7 +679,8 @@ class Snapshots:
                     )
                 if external:
                     self._merge(rec, defs[external[0]])
-            self._sync(domain, rec.definition.uuid, tree, new, defs)
+            with self._changing(domain, "snapshot-delete"):
+                self._sync(domain, rec.definition.uuid, tree, new, defs)
             return removed
 
     def _merge(self, rec: DomainRecord, snap: SnapshotDef) -> None:
@@ -767,7 +783,8 @@ class Snapshots:
                 for job in todo:
                     jobs.pivot(domain, mon, job)
             new, removed = tree.delete(name, children=False, children_only=False)
-            self._sync(domain, rec.definition.uuid, tree, new, defs)
+            with self._changing(domain, "snapshot-delete"):
+                self._sync(domain, rec.definition.uuid, tree, new, defs)
             return removed
 
 

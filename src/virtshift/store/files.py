@@ -3,10 +3,13 @@
 * :func:`write_atomic` writes a file so that a reader sees the old content or the
   new one, never a torn mix, even across a crash: temporary file in the same
   directory, ``fsync``, ``rename``, ``fsync`` of the directory.
-* :class:`FileLock` is an ``flock`` on a lock file, with a timeout.  The holder
-  writes its pid and the operation into the lock file, so a waiter that gives
-  up can say who holds the lock.  ``flock`` locks die with their process, so a
-  crashed holder never leaves a stale lock behind.
+* :class:`FileLock` is an ``flock`` on a lock file, with a timeout, exclusive
+  or shared.  An exclusive holder writes its pid and the operation into the
+  lock file, so a waiter that gives up can say who holds the lock.  ``flock``
+  locks die with their process, so a crashed holder never leaves a stale lock
+  behind.  Each :meth:`FileLock.acquire` opens the file anew: ``flock`` belongs
+  to the open file description, so two threads of one process exclude each
+  other exactly as two processes do.
 
 Everything virtshift writes is private to its owner (directories 0700, files
 0600).  This module knows nothing of domains or XML.
@@ -18,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +45,9 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         content is then still in place.
     """
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # one temporary name per process and thread: two threads writing the same file
+    # must not unlink or overwrite each other's temporary file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         try:
@@ -77,17 +83,22 @@ def remove_quietly(path: Path) -> None:
 
 
 class FileLock:
-    """An exclusive ``flock`` on ``path``, taken with a timeout.
+    """An ``flock`` on ``path``, taken with a timeout.
 
     :param path: the lock file (created if missing).
     :param what: what the lock protects, for messages ("domain 'vm1'").
     :param timeout: seconds to wait; 0 means try once.
+    :param shared: take a shared lock (readers), not an exclusive one; a shared
+        holder does not write itself into the file.
     """
 
-    def __init__(self, path: Path, *, what: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, what: str, timeout: float = 30.0, shared: bool = False
+    ) -> None:
         self.path = path
         self.what = what
         self.timeout = timeout
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self, operation: str = "") -> None:
@@ -101,7 +112,7 @@ class FileLock:
         delay = 0.005
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except OSError as err:
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
@@ -117,15 +128,17 @@ class FileLock:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} operation {operation or '?'}\n".encode(), 0)
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} operation {operation or '?'}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
         """Give the lock back (safe to call twice)."""
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            if not self.shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
