@@ -742,7 +742,16 @@ def _probe_binary(emulator: str, workdir: Path) -> QemuCaps:
                     ErrorCode.OPERATION_FAILED, f"cannot probe '{emulator}': {err_text.strip()}"
                 )
             time.sleep(0.01)
-        with Monitor(str(sock)).connect() as mon:
+        while True:
+            # the socket file appears at bind(), a moment before QEMU listens
+            try:
+                mon = Monitor(str(sock)).connect()
+                break
+            except VirtError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        with mon:
             return caps_from_replies(mon.execute("query-version"), mon.execute("query-commands"))
     finally:
         proc.kill()
