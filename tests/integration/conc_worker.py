@@ -52,18 +52,26 @@ class Recorder:
                 self._out.write(json.dumps(record) + "\n")
 
     def call(self, op: str, domain: str, fn: Callable[[], Any], **extra: Any) -> Any:
-        """Run ``fn``; record its outcome; return its result, or None after an error."""
+        """Run ``fn``; record its outcome and duration; return its result, or None
+        after an error."""
+        start = time.perf_counter()
         try:
             result = fn()
         except libvirt.libvirtError as err:
             self.note(
-                op=op, domain=domain, ok=False, code=err.get_error_code(), msg=str(err), **extra
+                op=op,
+                domain=domain,
+                ok=False,
+                code=err.get_error_code(),
+                msg=str(err),
+                seconds=time.perf_counter() - start,
+                **extra,
             )
             return None
         except Exception as err:  # anything but libvirtError is a defect: record it
             self.note(op=op, domain=domain, ok=False, code=None, msg=repr(err), **extra)
             return None
-        self.note(op=op, domain=domain, ok=True, **extra)
+        self.note(op=op, domain=domain, ok=True, seconds=time.perf_counter() - start, **extra)
         return result
 
     def close(self) -> None:

@@ -37,12 +37,13 @@ import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 
 from . import conc_worker
-from .conftest import domain_xml, make_image
+from .conftest import domain_xml, make_image, status_pid
 
 MiB = 1024 * 1024
 WORKER = Path(conc_worker.__file__)
 #: Seconds every worker of one test together may take before they are killed.
 OVERALL_TIMEOUT = 600.0
+BANDWIDTH_BYTES = libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
 
 #: The error codes a caller may get while others work on the same domain:
 #: a lock wait longer than VIRTSHIFT_LOCK_TIMEOUT.  Nothing else is expected.
@@ -363,3 +364,197 @@ def test_threads_probe_the_emulator_at_once(conn) -> None:
     assert len(results) == 6
     assert all(isinstance(r, int) for r in results), results
     assert len(set(results)) == 1
+
+
+def test_readers_answer_while_a_writer_holds_the_lock(
+    conn, root: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the domain lock is held (here by this very process, through another
+    open file: flock locks belong to the open file, not the process), every read
+    answers from the files and the query monitor, and a change gives up after
+    VIRTSHIFT_LOCK_TIMEOUT with OPERATION_TIMEOUT, naming the holder, having
+    changed nothing."""
+    from virtshift.store.files import FileLock
+
+    dom = make_domain(conn, images, "vm")
+    dom.snapshotCreateXML(
+        conc_worker.snapshot_xml("s1", images / "vm-s1.qcow2"), conc_worker.DISK_ONLY
+    )
+    dest = images / "vm-copy.qcow2"
+    dom.blockCopy(
+        "vdb",
+        f"<disk type='file'><source file='{dest}'/><driver type='qcow2'/></disk>",
+        # 8 MiB to copy, at most 256 KiB at a time: the job is still copying meanwhile
+        {"bandwidth": 256 * 1024, "buf-size": 256 * 1024},
+        conc_worker.COPY_SHALLOW,
+    )
+    monkeypatch.setenv("VIRTSHIFT_LOCK_TIMEOUT", "0.3")
+    before = {p.name: p.read_bytes() for p in (root / "lib").rglob("*.xml")}
+    images_before = sorted(p.name for p in images.iterdir())
+    live_before = dom.XMLDesc(0)
+    holder = FileLock(root / "run" / "lock" / "vm.lock", what="domain 'vm'")
+    with holder.hold("a long change"):
+        assert dom.snapshotListNames(0) == ["s1"]
+        assert dom.snapshotCurrent(0).getName() == "s1"
+        assert dom.XMLDesc(0) == live_before
+        info = dom.blockJobInfo("vdb", 0)
+        assert info["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY
+        assert info["cur"] < info["end"]
+        assert [d.name() for d in conn.listAllDomains(0)] == ["vm"]
+        assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+        changes = [
+            lambda: dom.snapshotCreateXML(
+                conc_worker.snapshot_xml("s2", images / "vm-s2.qcow2"), conc_worker.DISK_ONLY
+            ),
+            lambda: dom.blockJobAbort("vdb", 0),
+            lambda: dom.blockJobSetSpeed("vdb", 2, 0),
+            lambda: dom.suspend(),
+        ]
+        for change in changes:
+            with pytest.raises(libvirt.libvirtError) as exc:
+                change()
+            assert exc.value.get_error_code() == libvirt.VIR_ERR_OPERATION_TIMEOUT
+            assert f"pid {os.getpid()} operation a long change" in str(exc.value)
+    assert {p.name: p.read_bytes() for p in (root / "lib").rglob("*.xml")} == before
+    assert sorted(p.name for p in images.iterdir()) == images_before
+    assert dom.blockJobInfo("vdb", 0)["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY
+    dom.blockJobAbort("vdb", 0)
+    assert dom.blockJobInfo("vdb", 0) == {}
+    check_files(root)
+
+
+# -- load: many running domains with jobs in flight ----------------------------------
+
+
+def qemu_usage(root: Path) -> list[dict[str, float]]:
+    """Per running QEMU: RSS and PSS (MiB), open fds, threads, CPU seconds so far."""
+    out = []
+    for status in sorted((root / "run" / "qemu").glob("*.xml")):
+        if status.name.startswith("."):
+            continue
+        pid = status_pid(status)
+        proc = Path(f"/proc/{pid}")
+        fields = dict(
+            line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line
+        )
+        pss = next(
+            int(line.split()[1])
+            for line in (proc / "smaps_rollup").read_text().splitlines()
+            if line.startswith("Pss:")
+        )
+        stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        out.append(
+            {
+                "rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
+                "pss_mib": pss / 1024,
+                "fds": len(os.listdir(proc / "fd")),
+                "threads": int(fields["Threads"]),
+                "cpu_s": (int(stat[11]) + int(stat[12])) / ticks,
+            }
+        )
+    return out
+
+
+def timing_table(records: list[dict[str, Any]]) -> str:
+    by_op: dict[str, list[float]] = {}
+    for r in records:
+        if "seconds" in r:
+            by_op.setdefault(r["op"], []).append(r["seconds"])
+    lines = [f"{'call':24} {'n':>5} {'median ms':>10} {'max ms':>9}"]
+    for op, xs in sorted(by_op.items()):
+        xs.sort()
+        lines.append(f"{op:24} {len(xs):5d} {1000 * xs[len(xs) // 2]:10.1f} {1000 * xs[-1]:9.1f}")
+    return "\n".join(lines)
+
+
+def run_load(conn, uri: str, root: Path, images: Path, work: Path, n: int, workers: int) -> None:
+    """``n`` running domains, each with a throttled job on vdb (copies on even
+    domains, active commits on odd ones); then every call on every domain, first
+    from this process one domain after the other, then from ``workers`` processes
+    at once.  Prints timings and resource use; asserts only that everything
+    answered and stayed consistent."""
+    t0 = time.perf_counter()
+    names = [f"load{i:02d}" for i in range(n)]
+    for name in names:
+        make_domain(conn, images, name, memory_mib=32)
+    started = time.perf_counter() - t0
+    for i, name in enumerate(names):
+        dom = conn.lookupByName(name)
+        if i % 2 == 0:
+            dest = images / f"{name}-copy-load.qcow2"
+            xml = f"<disk type='file'><source file='{dest}'/><driver type='qcow2'/></disk>"
+            dom.blockCopy(
+                "vdb",
+                xml,
+                {"bandwidth": 64 * 1024, "buf-size": 64 * 1024},
+                conc_worker.COPY_SHALLOW,
+            )
+        else:
+            dom.blockCommit(
+                "vdb", None, None, 64 * 1024, conc_worker.COMMIT_ACTIVE | BANDWIDTH_BYTES
+            )
+    usage_before = qemu_usage(root)
+    seq = conc_worker.Recorder("sequential")
+    for name in names:
+        dom = seq.call("lookupByName", name, lambda n=name: conn.lookupByName(n))
+        assert dom is not None
+        info = seq.call("blockJobInfo", name, lambda d=dom: d.blockJobInfo("vdb", 0))
+        assert info, f"no job in flight on {name}"  # throttled: still running
+        made = seq.call(
+            "snapshotCreateXML",
+            name,
+            lambda d=dom, nm=name: d.snapshotCreateXML(
+                conc_worker.snapshot_xml("seq", images / f"{nm}-seq.qcow2"), conc_worker.DISK_ONLY
+            ),
+        )
+        if made is not None:
+            seq.note(op="created", domain=name, ok=True, snapshot="seq",
+                     overlay=str(images / f"{name}-seq.qcow2"))  # fmt: skip
+        conc_worker.observe(conn, dom, name, seq)
+    specs = snapshot_specs(names, workers=workers, rounds=1, images=images)
+    t1 = time.perf_counter()
+    par = run_processes(uri, specs, work)
+    parallel = time.perf_counter() - t1
+    records = seq.records + par
+    check_records(par, [s["worker"] for s in specs])
+    bad = [r for r in seq.records if not r["ok"]]
+    assert not bad, bad[:5]
+    for name in names:
+        assert conn.lookupByName(name).blockJobInfo("vdb", 0), f"job on {name} ended early"
+    usage = qemu_usage(root)
+    # the jobs were still in flight for every call above; now end them and check
+    for name in names:
+        conn.lookupByName(name).blockJobAbort("vdb", 0)
+    for name in names:
+        assert len(check_domain(conn, name, records, images)) == 1 + workers
+    check_files(root)
+    mem = {
+        k: int(v.split()[0]) // 1024
+        for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        if k in ("MemTotal", "MemAvailable")
+    }
+    rss = sorted(u["rss_mib"] for u in usage)
+    pss = sorted(u["pss_mib"] for u in usage)
+    cpu = [a["cpu_s"] - b["cpu_s"] for a, b in zip(usage, usage_before, strict=True)]
+    print(
+        f"\n{n} running domains, a throttled block job on each, {os.cpu_count()} cores\n"
+        f"start {n} domains: {started:.1f} s; {workers} processes x {n} domains "
+        f"(snapshot + reads): {parallel:.1f} s\n"
+        f"QEMU RSS MiB median {rss[n // 2]:.1f} max {rss[-1]:.1f}; PSS MiB median "
+        f"{pss[n // 2]:.1f}, total {sum(pss):.0f}; fds max {max(u['fds'] for u in usage)}; "
+        f"threads max {max(u['threads'] for u in usage)}; QEMU CPU during the calls "
+        f"{sum(cpu):.1f} s total\nhost MemTotal {mem['MemTotal']} MiB, "
+        f"MemAvailable {mem['MemAvailable']} MiB\n"
+        f"sequential calls:\n{timing_table(seq.records)}\n"
+        f"calls from {workers} processes:\n{timing_table(par)}"
+    )
+
+
+def test_load_8_domains(conn, uri: str, root: Path, images: Path, tmp_path: Path) -> None:
+    run_load(conn, uri, root, images, tmp_path / "work", n=8, workers=3)
+
+
+@pytest.mark.long
+def test_load_32_domains(conn, uri: str, root: Path, images: Path, tmp_path: Path) -> None:
+    run_load(conn, uri, root, images, tmp_path / "work", n=32, workers=4)
