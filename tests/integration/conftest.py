@@ -62,6 +62,20 @@ def make_image(
     return path
 
 
+def blank_backing_format(path: Path) -> None:
+    """Make ``path`` name its backing file but not the backing format.
+
+    QEMU 7.2 no longer writes such images, so the backing-format header
+    extension (magic 0xE2792ACA) of a normal one is renamed to an unknown
+    extension, which QEMU skips.
+    """
+    raw = bytearray(path.read_bytes())
+    pos = raw.find(bytes.fromhex("E2792ACA"), 0, 65536)
+    assert pos > 0
+    raw[pos : pos + 4] = bytes.fromhex("0badcafe")
+    path.write_bytes(bytes(raw))
+
+
 def qemu_io_read(path: Path, fmt: str, pattern: int, offset: int, length: str) -> bool:
     """True when qemu-io reads ``pattern`` at ``offset`` (offline, read-only)."""
     res = subprocess.run(

@@ -18,7 +18,14 @@ from lxml import etree
 import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 
-from .conftest import domain_xml, make_image, qemu_img, qemu_io_read, tree_state
+from .conftest import (
+    blank_backing_format,
+    domain_xml,
+    make_image,
+    qemu_img,
+    qemu_io_read,
+    tree_state,
+)
 
 MiB = 1024 * 1024
 PIVOT = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
@@ -486,6 +493,16 @@ def test_ovirt_flow_of_the_proposal(conn, images: Path) -> None:
     assert (dom.XMLDesc(0), graph(dom)) == before
     assert dom.snapshotListNames() == ["mig"]
     _copy_layer(snap1, sd2 / "snap1.qcow2", "base.qcow2")
+    # a destination layer that does not record its backing file's format: refused
+    # (formats are never probed), nothing changes
+    blank_backing_format(sd2 / "snap1.qcow2")
+    code, msg = code_of(lambda: snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_REOPEN_MIRROR))
+    assert code == libvirt.VIR_ERR_OPERATION_INVALID
+    assert "does not record the format of its backing file" in msg
+    assert (dom.XMLDesc(0), graph(dom)) == before
+    qemu_img(
+        "rebase", "-u", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(sd2 / "snap1.qcow2")
+    )
     wait_job(dom, ready=True)
     hmp_write(dom, 0x65, 4 * MiB, "1M")
     snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_REOPEN_MIRROR)  # R7

@@ -52,7 +52,9 @@ from virtshift.errors import ErrorCode, VirtError
 from virtshift.migrate import journal as jn
 from virtshift.migrate.copy import copy_sparse
 from virtshift.migrate.journal import DiskMove, Journal, Layer, Step
+from virtshift.model.image import ImageLayer
 from virtshift.store.files import FileLock
+from virtshift.store.images import read_chain, read_layer
 
 __all__ = ["Migration", "ProgressT"]
 
@@ -79,9 +81,20 @@ def _img(*args: str) -> str:
     return res.stdout
 
 
-def _chain_info(path: str, fmt: str) -> list[dict[str, Any]]:
-    out = json.loads(_img("info", "-U", "--output=json", "--backing-chain", "-f", fmt, path))
-    return out if isinstance(out, list) else [out]
+def _read(path: str, fmt: str, *, chain: bool = False) -> list[ImageLayer]:
+    """The header facts of an image (and its chain), read in process."""
+    try:
+        return read_chain(path, fmt) if chain else [read_layer(path, fmt)]
+    except VirtError as err:
+        raise VirtError(ErrorCode.OPERATION_FAILED, err.detail) from err
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class Migration:
@@ -160,14 +173,21 @@ class Migration:
                     ErrorCode.CONFIG_UNSUPPORTED,
                     f"disk '{target}': only file images can be migrated ('{path}' is {typ})",
                 )
-        infos = _chain_info(chain[0][0], chain[0][1])
-        if len(infos) != len(chain):
-            raise VirtError(
-                ErrorCode.OPERATION_FAILED,
-                f"disk '{target}': the image chain on disk does not match the live chain",
-            )
+        # each live layer read as its live format; the backing file each header
+        # names must be the next live layer, and the last must name none
+        infos = [_read(p, f)[0] for p, f, _t in chain]
+        for depth, info in enumerate(infos):
+            below = chain[depth + 1][0] if depth + 1 < len(chain) else None
+            named = info.full_backing_filename
+            if (named is None) != (below is None) or (
+                named is not None and below is not None and not _same_file(named, below)
+            ):
+                raise VirtError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"disk '{target}': the image chain on disk does not match the live chain",
+                )
         layers = tuple(
-            Layer(path=p, format=f, virtual_size=int(i.get("virtual-size", 0)))
+            Layer(path=p, format=f, virtual_size=i.virtual_size)
             for (p, f, _t), i in zip(chain, infos, strict=True)
         )
         names: list[str] = []
@@ -515,19 +535,19 @@ class Migration:
     def _verify(self, move: DiskMove) -> None:
         j = self.journal
         assert j is not None
-        infos = _chain_info(move.mirror, "qcow2")
+        infos = _read(move.mirror, "qcow2", chain=True)
         want = [move.mirror, *move.dest_layers]
-        got = [str(i.get("filename")) for i in infos]
+        got = [i.filename for i in infos]
         if got != want:
             raise VirtError(
                 ErrorCode.OPERATION_FAILED,
                 f"destination chain of disk '{move.target}' is {got}, expected {want}",
             )
         for info, layer in zip(infos[1:], move.layers, strict=True):
-            if info.get("format") != layer.format or info.get("virtual-size") != layer.virtual_size:
+            if info.format != layer.format or info.virtual_size != layer.virtual_size:
                 raise VirtError(
                     ErrorCode.OPERATION_FAILED,
-                    f"copy '{info.get('filename')}' does not match '{layer.path}' (format or size)",
+                    f"copy '{info.filename}' does not match '{layer.path}' (format or size)",
                 )
         if j.verify == "full":
             # each layer on its own (its backing left out): a damaged layer is named,

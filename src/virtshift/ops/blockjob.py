@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from virtshift.errors import ErrorCode, VirtError
 from virtshift.model.domain import Disk, Domain, Mirror, StorageSource
+from virtshift.model.image import ImageLayer
 from virtshift.model.job import BlockJob, JobState, JobType
 from virtshift.ops.start import format_node, storage_node
 
@@ -456,43 +457,44 @@ def plan_copy(
 
 
 def check_dest_chain(
-    disk: str, infos: Sequence[Mapping[str, Any]], source: Sequence[tuple[str, int]]
+    disk: str, infos: Sequence[ImageLayer], source: Sequence[tuple[str, int]]
 ) -> None:
-    """Verify a destination chain before the pivot (``qemu-img info --backing-chain``).
+    """Verify a destination chain before the pivot (read from the image headers).
 
-    ``infos`` has one entry per destination layer, the target first; ``source``
-    is (format, virtual size) of each source layer, the active layer first.
-    Every destination layer must exist (qemu-img could open it), record the
-    format of its backing file (no probing), and have the format and virtual
-    size of the source layer at the same depth.  Otherwise QEMU 7.2 would pivot
-    onto an image without its backing data (QEMU-NOTES trap 3).
+    ``infos`` has one entry per destination layer, the target first (as
+    :func:`virtshift.store.images.read_chain` returns it: every layer could be
+    read); ``source`` is (format, virtual size) of each source layer, the
+    active layer first.  Every destination layer must record the format of its
+    backing file (no probing), and have the format and virtual size of the
+    source layer at the same depth.  Otherwise QEMU 7.2 would pivot onto an
+    image without its backing data (QEMU-NOTES trap 3).
 
     :raise VirtError: OPERATION_INVALID naming the first bad layer.
     """
     for depth, info in enumerate(infos):
-        name = info.get("filename", "?")
-        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        name = info.filename
+        backing = info.full_backing_filename or info.backing_filename
         if backing is not None:
-            bfmt = info.get("backing-filename-format")
+            bfmt = info.backing_format
             if not bfmt:
                 raise VirtError(
                     ErrorCode.OPERATION_INVALID,
                     f"destination image '{name}' of disk '{disk}' does not record the format "
                     f"of its backing file '{backing}'; refusing to pivot",
                 )
-            if depth + 1 < len(infos) and infos[depth + 1].get("format") != bfmt:
+            if depth + 1 < len(infos) and infos[depth + 1].format != bfmt:
                 raise VirtError(
                     ErrorCode.OPERATION_INVALID,
                     f"backing file '{backing}' of '{name}' is "
-                    f"{infos[depth + 1].get('format')}, not {bfmt}; refusing to pivot",
+                    f"{infos[depth + 1].format}, not {bfmt}; refusing to pivot",
                 )
         if depth < len(source):
             fmt, size = source[depth]
-            if info.get("format") != fmt or info.get("virtual-size") != size:
+            if info.format != fmt or info.virtual_size != size:
                 raise VirtError(
                     ErrorCode.OPERATION_INVALID,
                     f"destination layer '{name}' of disk '{disk}' is "
-                    f"{info.get('format')} of {info.get('virtual-size')} bytes, the source "
+                    f"{info.format} of {info.virtual_size} bytes, the source "
                     f"layer at that depth is {fmt} of {size} bytes; refusing to pivot",
                 )
     if len(infos) != len(source):

@@ -34,6 +34,7 @@ from virtshift.errors import ErrorCode, QMPError, VirtError
 from virtshift.jobs.machine import apply, event_trigger
 from virtshift.jobs.reconcile import reconcile
 from virtshift.model.domain import StorageSource
+from virtshift.model.image import ImageLayer
 from virtshift.model.job import BlockJob, Effect, JobState, JobType, Trigger
 from virtshift.model.status import DomainStatus
 from virtshift.ops import blockjob as plans
@@ -42,6 +43,7 @@ from virtshift.ops.start import format_node, storage_node
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver
+from virtshift.store.images import read_chain
 
 __all__ = ["BlockJobs"]
 
@@ -51,17 +53,15 @@ _log = logging.getLogger("virtshift.blockjob")
 END_TIMEOUT = 120.0
 
 
-def _qemu_img_info(path: str, fmt: str) -> list[dict[str, Any]]:
-    argv = ["qemu-img", "info", "-U", "--output=json", "--backing-chain", "-f", fmt, path]
-    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    if res.returncode != 0:
+def _dest_chain(path: str, fmt: str) -> list[ImageLayer]:
+    try:
+        return read_chain(path, fmt)
+    except VirtError as err:
         raise VirtError(
             ErrorCode.OPERATION_INVALID,
-            f"destination chain of '{path}' cannot be read: {res.stderr.strip()}; refusing "
+            f"destination chain of '{path}' cannot be read: {err.detail}; refusing "
             "to pivot (QEMU would pivot onto an image without its backing data)",
-        )
-    data = json.loads(res.stdout)
-    return data if isinstance(data, list) else [data]
+        ) from err
 
 
 _READY_WORD = {
@@ -344,7 +344,7 @@ class BlockJobs:
             d for d in parse_query_block(mon.execute("query-block")) if d.alias == disk.alias
         )
         source = [(layer.format, layer.virtual_size) for layer in dev.chain]
-        infos = _qemu_img_info(mirror.path, mirror.format or "qcow2")
+        infos = _dest_chain(mirror.path, mirror.format or "qcow2")
         plans.check_dest_chain(job.disk, infos, source)
         # add the layers below the target, bottom first, then attach
         n = st.next_index
@@ -356,8 +356,8 @@ class BlockJobs:
             for depth in reversed(range(len(below))):
                 info = below[depth]
                 idx = indexes[depth]
-                fname = str(info.get("filename"))
-                fmt = str(info.get("format"))
+                fname = info.filename
+                fmt = info.format
                 mon.execute(
                     "blockdev-add",
                     {
@@ -398,8 +398,8 @@ class BlockJobs:
             info = below[depth]
             chain = StorageSource(
                 type="file",
-                path=str(info.get("filename")),
-                format=str(info.get("format")),
+                path=info.filename,
+                format=info.format,
                 index=indexes[depth],
                 node_name=format_node(indexes[depth]),
                 backing=chain,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import json
 import logging
 import os
 import stat
@@ -66,6 +65,7 @@ from virtshift.qmp.agent import GuestAgent
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver
+from virtshift.store.images import read_layer
 from virtshift.store.snapshots import SnapshotStore
 from virtshift.xml.snapshot import (
     apply_creation_defaults,
@@ -391,15 +391,14 @@ def _check_reused_mirrors(plan: SnapshotPlan, mon: Monitor, rec: DomainRecord) -
             continue
         disk = rec.definition.disk(ov.target)
         want_fmt = ov.mirror.format or "qcow2"
-        argv = ["qemu-img", "info", "-U", "--output=json", "-f", want_fmt, ov.mirror.path]
-        res = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
+        try:
+            size = read_layer(ov.mirror.path, want_fmt).virtual_size
+        except VirtError as err:
             raise VirtError(
                 ErrorCode.CONFIG_UNSUPPORTED,
                 f"mirror '{ov.mirror.path}' of disk '{ov.target}' is not a usable {want_fmt} "
-                f"image: {res.stderr.strip()}",
-            )
-        size = json.loads(res.stdout).get("virtual-size")
+                f"image: {err.detail}",
+            ) from err
         want = sizes.get(disk.alias if disk is not None else None)
         if want is not None and size != want:
             raise VirtError(
