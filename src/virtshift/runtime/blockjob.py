@@ -99,19 +99,28 @@ class BlockJobs:
             raise VirtError(ErrorCode.OPERATION_INVALID, "domain is not running")
         return rec.status
 
-    def _put(self, name: str, job: BlockJob, *, domain: Any = None) -> DomainStatus:
+    def _put(
+        self, name: str, job: BlockJob, *, domain: Any = None, next_index: int = 0
+    ) -> DomainStatus:
         """Save ``job`` (replacing the record of the same id, and older ended
-        records of its disk) and optionally a new live domain."""
-        st = self._status(name)
+        records of its disk), optionally a new live domain, and raise the next
+        free chain index to ``next_index``.
+
+        A status equal to the one on disk is not written again (an ended job is
+        saved with its result, and its UNREGISTER then changes nothing)."""
+        old = self._status(name)
         jobs = [
             j
-            for j in st.jobs
+            for j in old.jobs
             if j.job_id != job.job_id and not (j.disk == job.disk and j.state.ended)
         ]
         jobs.append(job)
-        live = _mirror_ready(domain or st.domain, job)
-        st = dataclasses.replace(st, jobs=tuple(jobs), domain=live)
-        self.driver.write_status(name, st)
+        live = _mirror_ready(domain or old.domain, job)
+        st = dataclasses.replace(
+            old, jobs=tuple(jobs), domain=live, next_index=max(old.next_index, next_index)
+        )
+        if st != old:
+            self.driver.write_status(name, st)
         return st
 
     def _forget(self, name: str, job: BlockJob) -> None:
@@ -131,11 +140,17 @@ class BlockJobs:
             self._carry_out(name, mon, job, effects)
 
     def _carry_out(
-        self, name: str, mon: Monitor, job: BlockJob, effects: Sequence[Effect]
+        self,
+        name: str,
+        mon: Monitor,
+        job: BlockJob,
+        effects: Sequence[Effect],
+        *,
+        next_index: int = 0,
     ) -> BlockJob:
         for effect in effects:
             if effect == Effect.SAVE:
-                self._put(name, job)
+                self._put(name, job, next_index=next_index)
             elif effect == Effect.DISMISS:
                 try:
                     mon.execute("job-dismiss", {"id": job.job_id})
@@ -276,13 +291,8 @@ class BlockJobs:
                 raise
             job, _effects = apply(job, Trigger.STARTED)
             live = plans.with_mirror(st.domain, job, ready=None)
-            self._put(name, job, domain=live)
-            st = self._status(name)
-            if job.mirror is not None and job.mirror.index is not None:
-                self.driver.write_status(
-                    name,
-                    dataclasses.replace(st, next_index=max(st.next_index, job.mirror.index + 1)),
-                )
+            index = job.mirror.index if job.mirror is not None else None
+            self._put(name, job, domain=live, next_index=0 if index is None else index + 1)
             return job
         except BaseException:
             for path in created:
@@ -330,13 +340,17 @@ class BlockJobs:
             f"block job '{job.job_id}' did not end within {timeout:.0f} s",
         )
 
-    def _attach_reused_chain(self, name: str, mon: Monitor, job: BlockJob) -> BlockJob:
-        """Verify a reused destination's chain and attach it under the target."""
+    def _attach_reused_chain(self, name: str, mon: Monitor, job: BlockJob) -> tuple[BlockJob, int]:
+        """Verify a reused destination's chain and attach it under the target.
+
+        Returns the job with the attached chain and the next free chain index;
+        the caller saves both with the PIVOTING record (one write, before
+        ``block-job-complete``)."""
         mirror = job.mirror
         assert mirror is not None
         assert mirror.path is not None
         if mirror.backing is not None or mirror.backing_end:
-            return job  # ours, or already attached
+            return job, 0  # ours, or already attached
         st = self._status(name)
         disk = st.domain.disk(job.disk)
         assert disk is not None
@@ -408,11 +422,7 @@ class BlockJobs:
             layers.append(chain)
         new_mirror = dataclasses.replace(mirror, backing=chain, backing_end=chain is None)
         job = dataclasses.replace(job, mirror=new_mirror, added_nodes=(*job.added_nodes, *added))
-        st = self._put(name, job)
-        self.driver.write_status(
-            name, dataclasses.replace(st, next_index=max(st.next_index, n + len(below)))
-        )
-        return job
+        return job, n + len(below)
 
     def wait_ready_locked(
         self, name: str, mon: Monitor, job: BlockJob, timeout: float = END_TIMEOUT
@@ -453,10 +463,13 @@ class BlockJobs:
         if job.state == JobState.PIVOTING:
             pivoting = job
         else:
+            apply(job, Trigger.PIVOT)  # raises when not READY, before anything is attached
+            next_index = 0
             if job.type == JobType.COPY:
-                job = self._attach_reused_chain(name, mon, job)
-            pivoting, effects = apply(job, Trigger.PIVOT)  # raises when not READY
-            self._carry_out(name, mon, pivoting, effects)
+                job, next_index = self._attach_reused_chain(name, mon, job)
+            pivoting, effects = apply(job, Trigger.PIVOT)
+            # intent first: PIVOTING (with the attached chain) is on disk before the command
+            self._carry_out(name, mon, pivoting, effects, next_index=next_index)
         try:
             mon.execute("block-job-complete", {"device": job.job_id})
         except VirtError:
