@@ -8,6 +8,7 @@ teardown, so no test leaves a process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 QEMU = shutil.which("qemu-system-x86_64")
 QEMU_IMG = shutil.which("qemu-img")
@@ -74,6 +76,18 @@ def blank_backing_format(path: Path) -> None:
     assert pos > 0
     raw[pos : pos + 4] = bytes.fromhex("0badcafe")
     path.write_bytes(bytes(raw))
+
+
+def status_commands(root: Path, name: str) -> set[str]:
+    """QEMU's commands as the status of domain ``name`` records them: in the
+    capability cache entry it names (or inline, in older status files)."""
+    qemu = etree.fromstring((root / "run" / "qemu" / f"{name}.xml").read_bytes()).find("qemu")
+    assert qemu is not None
+    if qemu.get("caps") is None:
+        return {c.get("name", "") for c in qemu.findall("command")}
+    assert qemu.findall("command") == []
+    entry = root / "cache" / "qemu" / qemu.get("caps", "")
+    return set(json.loads(entry.read_text())["commands"])
 
 
 def qemu_io_read(path: Path, fmt: str, pattern: int, offset: int, length: str) -> bool:

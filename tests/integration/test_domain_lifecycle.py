@@ -15,7 +15,7 @@ from lxml import etree
 import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 
-from .conftest import domain_xml, make_image, qemu_io_read
+from .conftest import domain_xml, make_image, qemu_io_read, status_commands
 
 HMP_WRITE = 'qemu-io -d /machine/peripheral/{dev}/virtio-backend "write -P 0x{pat:x} {off} {len}"'
 
@@ -152,22 +152,53 @@ def test_qemu_outlives_the_starting_process(two_disks, uri: str, root: Path) -> 
     assert dom.isActive() == 0
 
 
-def test_capability_probe(conn, two_disks, root: Path) -> None:
-    _base, top, _data = two_disks
-    dom = conn.createXML(domain_xml("caps", [("vda", top, "qcow2")]), 0)
-    caps = etree.fromstring((root / "run" / "qemu" / "caps.xml").read_bytes()).find("qemu")
-    commands = {c.get("name") for c in caps.findall("command")}
+def test_capability_probe(conn, two_disks, root: Path, uri: str) -> None:
+    _base, top, data = two_disks
+    dom = conn.createXML(domain_xml("caps", [("vda", top, "qcow2"), ("vdb", data, "raw")]), 0)
+    status = root / "run" / "qemu" / "caps.xml"
+    qemu = etree.fromstring(status.read_bytes()).find("qemu")
+    # the status names the capability cache entry instead of listing QEMU's commands
+    assert qemu.get("caps") is not None
+    commands = status_commands(root, "caps")
     assert {
         "transaction",
         "blockdev-snapshot-sync",
         "drive-mirror",
         "block-job-complete",
     } <= commands
-    assert caps.get("version", "").startswith(("7.", "8.", "9.", "10."))
+    assert qemu.get("version", "").startswith(("7.", "8.", "9.", "10."))
     dc = etree.fromstring(conn.getDomainCapabilities().encode())
     tx = dc.find("qemu/command[@name='transaction']")
     assert tx is not None
     assert tx.get("supported") == "yes"
+
+    def atomic_snapshot(name: str) -> None:
+        # two disks, atomic: refused unless the status's commands include 'transaction'
+        fresh = libvirt.open(uri).lookupByName("caps")
+        fresh.snapshotCreateXML(
+            f"<domainsnapshot><name>{name}</name></domainsnapshot>",
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
+        )
+
+    # a status file in the older form (the list inline, no entry name) still reads;
+    # the next write stores the entry name instead
+    doc = etree.fromstring(status.read_bytes())
+    old = doc.find("qemu")
+    del old.attrib["caps"]
+    for name in sorted(commands):
+        etree.SubElement(old, "command", name=name)
+    status.write_bytes(etree.tostring(doc))
+    atomic_snapshot("s1")
+    qemu = etree.fromstring(status.read_bytes()).find("qemu")
+    assert qemu.get("caps") is not None
+    assert status_commands(root, "caps") == commands
+    # a cache entry that is gone: the emulator is probed instead, the entry written again
+    entry = root / "cache" / "qemu" / qemu.get("caps")
+    entry.unlink()
+    atomic_snapshot("s2")
+    assert status_commands(root, "caps") == commands
+    assert [s.getName() for s in dom.listAllSnapshots()] == ["s1", "s2"]
     dom.destroy()
 
 

@@ -20,7 +20,7 @@ from lxml import etree
 import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 
-from .conftest import domain_xml, make_image, qemu_io_read, tree_state
+from .conftest import domain_xml, make_image, qemu_io_read, status_commands, tree_state
 from .fake_agent import FakeAgent
 
 DISK_ONLY = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -206,10 +206,7 @@ def test_fallback_without_transaction(conn, images: Path, root: Path, hiding_emu
     dom = make_domain(conn, images, 3, extra=f"\n    <emulator>{hiding_emulator}</emulator>")
     caps = etree.fromstring(conn.getDomainCapabilities().encode())  # the real binary has it
     assert caps.find("qemu/command[@name='transaction']").get("supported") == "yes"
-    probed = {
-        c.get("name")
-        for c in etree.fromstring((root / "run/qemu/vm.xml").read_bytes()).findall("qemu/command")
-    }
+    probed = status_commands(root, "vm")
     assert "transaction" not in probed  # R1: this QEMU's probe says no
     assert "blockdev-snapshot-sync" in probed
     state = observe(dom, root, images)

@@ -672,6 +672,22 @@ def test_status_without_jobs_is_unchanged() -> None:
     assert back.jobs == ()
 
 
+def test_status_names_the_capability_cache_entry() -> None:
+    caps = dataclasses.replace(base_status().caps, key="caps-0123456789abcdef.json")
+    st = dataclasses.replace(base_status(), caps=caps)
+    text = format_status(st)
+    qemu = etree.fromstring(text.encode()).find("qemu")
+    assert qemu is not None
+    assert qemu.get("caps") == "caps-0123456789abcdef.json"
+    assert qemu.findall("command") == []
+    back = parse_status(text)
+    # the list is the runtime's to load from the cache
+    assert back.caps == QemuCaps(
+        version="7.2.22", package="p", commands=frozenset(), key="caps-0123456789abcdef.json"
+    )
+    assert dataclasses.replace(back, caps=caps) == st
+
+
 def copy_job() -> BlockJob:
     bottom = layer(4, "/d/base.qcow2", format="qcow2", backing_end=True)
     middle = layer(5, "/d/mid.qcow2", format="qcow2", backing=bottom)

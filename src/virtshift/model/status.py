@@ -68,6 +68,9 @@ class QemuCaps:
     package: str = ""
     #: Every QMP command the monitor accepts.
     commands: frozenset[str] = frozenset()
+    #: Name of the capability cache entry that holds ``commands`` (status
+    #: files record this name instead of the list), or None when not stored yet.
+    key: str | None = None
 
     def has(self, command: str) -> bool:
         """True when QEMU knows ``command``."""

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +61,8 @@ _log = logging.getLogger("virtshift.driver")
 DEFAULT_EMULATOR = "qemu-system-x86_64"
 #: Seconds to wait for a new QEMU's monitor.
 START_TIMEOUT = 30.0
+#: Names of capability cache entries that status files refer to.
+_CAPS_KEY = re.compile(r"caps-[0-9a-f]{16}\.json")
 
 
 def _lock_timeout() -> float:
@@ -111,6 +115,8 @@ class Driver:
         self.log_dir = ensure_dir(self.root / "log" / "qemu")
         self.lib_dir = ensure_dir(self.root / "lib" / "qemu")
         self._parsed: dict[Path, tuple[tuple[int, int, int], Any]] = {}
+        #: Capability cache entries on disk that this process read or wrote, by name.
+        self._caps: dict[str, QemuCaps] = {}
         #: Called with (domain name, monitor) whenever :meth:`monitor` opens the
         #: main monitor under the lock: the block-job layer plugs its reconcile in
         #: here, so that every locked operation first applies jobs QEMU ended.
@@ -197,7 +203,7 @@ class Driver:
 
     def _read_status(self, name: str) -> DomainStatus | None:
         """The status if its QEMU is still the one recorded and alive."""
-        status: DomainStatus | None = self._cached(self.status_path(name), parse_status)
+        status: DomainStatus | None = self._cached(self.status_path(name), self._parse_status)
         if status is None:
             return None
         if not _qemu_alive(status):
@@ -509,8 +515,61 @@ class Driver:
             )
             self._write_status(name, new)
 
+    def _parse_status(self, text: bytes) -> DomainStatus:
+        status = parse_status(text)
+        caps = self._load_caps(status.caps, status.domain)
+        return status if caps is status.caps else dataclasses.replace(status, caps=caps)
+
     def _write_status(self, name: str, status: DomainStatus) -> None:
+        status = dataclasses.replace(status, caps=self._store_caps(status.caps))
         write_atomic(self.status_path(name), format_status(status))
+
+    # -- QEMU's command list, kept in the capability cache ----------------------
+
+    def _store_caps(self, caps: QemuCaps) -> QemuCaps:
+        """``caps`` with its cache entry name; the entry is written (durably,
+        before any status names it) the first time this content is seen.
+
+        The name is a hash of the content, so an entry never changes."""
+        if caps.key is not None or not caps.commands:
+            return caps
+        text = json.dumps(
+            {"version": caps.version, "package": caps.package, "commands": sorted(caps.commands)}
+        )
+        key = f"caps-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        if key not in self._caps:
+            path = ensure_dir(self.root / "cache" / "qemu") / key
+            if not path.exists():
+                write_atomic(path, text)
+            self._caps[key] = dataclasses.replace(caps, key=key)
+        return self._caps[key]
+
+    def _load_caps(self, caps: QemuCaps, domain: Domain) -> QemuCaps:
+        """The command list a status names by its cache entry (older status
+        files carry the list itself).  An entry that is gone or unreadable is
+        replaced by a probe of the domain's emulator binary."""
+        key = caps.key
+        if key is None or caps.commands:
+            return caps
+        hit = self._caps.get(key)
+        if hit is not None:
+            return hit
+        try:
+            if not _CAPS_KEY.fullmatch(key):
+                raise ValueError(f"bad entry name {key!r}")
+            data = json.loads((self.root / "cache" / "qemu" / key).read_text())
+            commands = data["commands"]
+            if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+                raise ValueError("bad command list")
+            loaded = dataclasses.replace(caps, commands=frozenset(commands))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            _log.warning("capability cache entry %s unusable (%s); probing the emulator", key, err)
+            emulator = domain.emulator or shutil.which(DEFAULT_EMULATOR) or DEFAULT_EMULATOR
+            # no name (and not remembered): the next status write stores the list again
+            probed = self.probe_emulator(emulator).commands
+            return dataclasses.replace(caps, commands=probed, key=None)
+        self._caps[key] = loaded
+        return loaded
 
     def write_status(self, name: str, status: DomainStatus) -> None:
         """Replace the status of a running domain (caller holds the domain lock)."""

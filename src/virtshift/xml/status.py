@@ -6,10 +6,7 @@
       <monitor path='/root/run/qemu/domain-vm1/monitor.sock' type='unix'/>
       <monitor path='/root/run/qemu/domain-vm1/query.sock' type='unix' role='query'/>
       <virtshift persistent='yes' nextIndex='5' rundir='...' log='...'/>
-      <qemu version='7.2.22' package='Debian ...'>
-        <command name='transaction'/>
-        ...
-      </qemu>
+      <qemu version='7.2.22' package='Debian ...' caps='caps-0123456789abcdef.json'/>
       <blockjobs active='yes'>
         <blockjob name='copy-vda-libvirt-3-format' type='copy' state='ready' disk='vda'
                   node='libvirt-3-format' bandwidth='0' flags='0' created='1700000000.5'
@@ -40,6 +37,12 @@ a status without jobs reads exactly as before jobs were recorded.  A
 ``<mirror>`` chain is written like a disk chain of the domain XML (``type``
 and ``format`` of the top layer as attributes, ``<backingStore>`` below, an
 empty ``<backingStore/>`` where the chain is known to end).
+
+QEMU's command list is not in the file: ``<qemu caps=>`` names the entry of
+the capability cache that holds it (the runtime stores and loads it; parsing
+leaves ``QemuCaps.commands`` empty then).  Older files list one
+``<command name=>`` per command and still read; a status without a cache
+entry name is written that way too.
 
 Pure text <-> model; no file access.  Job states are stored as they are: this
 module does not check that a job's state makes sense (see
@@ -79,8 +82,11 @@ def format_status(status: DomainStatus) -> str:
         log=status.log,
     )
     qemu = etree.SubElement(root, "qemu", version=status.caps.version, package=status.caps.package)
-    for name in sorted(status.caps.commands):
-        etree.SubElement(qemu, "command", name=name)
+    if status.caps.key is not None:
+        qemu.set("caps", status.caps.key)
+    else:
+        for name in sorted(status.caps.commands):
+            etree.SubElement(qemu, "command", name=name)
     if status.jobs:
         jobs = etree.SubElement(root, "blockjobs", active="yes")
         for job in status.jobs:
@@ -316,6 +322,7 @@ def parse_status(text: str | bytes) -> DomainStatus:
                 version=qemu.get("version", ""),
                 package=qemu.get("package", ""),
                 commands=frozenset(c.get("name", "") for c in qemu.findall("command")),
+                key=qemu.get("caps"),
             ),
             domain=domain,
             jobs=jobs,
