@@ -19,8 +19,6 @@ done by the runtime.
 from __future__ import annotations
 
 import functools
-import socket
-import uuid as _uuid
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -359,6 +357,8 @@ class virConnect:
         return "QEMU"
 
     def getHostname(self) -> str:
+        import socket
+
         return socket.gethostname()
 
     def getLibVersion(self) -> int:
@@ -412,7 +412,9 @@ class virConnect:
 
     @_api
     def lookupByUUID(self, uuid: bytes) -> virDomain:
-        return self.lookupByUUIDString(str(_uuid.UUID(bytes=bytes(uuid))))
+        import uuid as uuidlib
+
+        return self.lookupByUUIDString(str(uuidlib.UUID(bytes=bytes(uuid))))
 
     @_api
     def defineXML(self, xml: str) -> virDomain:
@@ -584,7 +586,9 @@ class virDomain:
         return self._uuid
 
     def UUID(self) -> bytes:
-        return _uuid.UUID(self._uuid).bytes
+        import uuid
+
+        return uuid.UUID(self._uuid).bytes
 
     @_api
     def ID(self) -> int:

@@ -129,7 +129,47 @@ Exit status: 0 ok, 1 failed, 2 usage, 3 no such domain/snapshot,
 """
 
 
-@click.group(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+#: Verbs defined in their own modules, imported only when one of them is run or
+#: listed (``--version`` and the verbs of this module import none of them).
+LAZY_VERBS: dict[str, str] = {
+    **dict.fromkeys(
+        ("blockcommit", "blockcopy", "blockjob", "blockpull", "domblkinfo"),
+        "virtshift.cli.blockjob",
+    ),
+    **dict.fromkeys(("migrate-storage", "migrate-storage-status"), "virtshift.cli.migrate"),
+    **dict.fromkeys(
+        (
+            "snapshot-create",
+            "snapshot-create-as",
+            "snapshot-current",
+            "snapshot-delete",
+            "snapshot-dumpxml",
+            "snapshot-info",
+            "snapshot-list",
+            "snapshot-parent",
+        ),
+        "virtshift.cli.snapshot",
+    ),
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose verbs in :data:`LAZY_VERBS` register themselves (on import
+    of their module) the first time they are looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_VERBS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = LAZY_VERBS.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            import importlib
+
+            importlib.import_module(module)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--connect", "uri", metavar="URI", help="Connection URI.")
 @click.option("-d", "--debug", is_flag=True, help="Log QMP traffic and driver steps to stderr.")
 @click.version_option(__version__, "-v", "--version", prog_name="virtshift", message="%(version)s")
@@ -524,11 +564,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     return rv if isinstance(rv, int) else 0
 
-
-# Verb groups in their own modules register themselves on ``cli``.
-from virtshift.cli import blockjob as _blockjob  # noqa: E402,F401
-from virtshift.cli import migrate as _migrate  # noqa: E402,F401
-from virtshift.cli import snapshot as _snapshot  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,66 @@
+"""The CLI loads verb modules lazily: ``--version`` imports none, ``--help``
+still lists every verb with its short help."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+from virtshift.cli.main import LAZY_VERBS, cli
+
+
+def _all_verbs() -> dict[str, str]:
+    """Every verb and the module that defines it (all verb modules imported)."""
+    for module in set(LAZY_VERBS.values()):
+        importlib.import_module(module)
+    return {name: cmd.callback.__module__ for name, cmd in cli.commands.items() if cmd.callback}
+
+
+def test_lazy_verbs_name_each_verb_of_the_other_modules() -> None:
+    verbs = _all_verbs()
+    elsewhere = {n: m for n, m in verbs.items() if m != "virtshift.cli.main"}
+    assert elsewhere == LAZY_VERBS
+    assert "list" in verbs
+    assert "snapshot-list" in verbs
+
+
+def test_version_imports_no_verb_module() -> None:
+    script = (
+        "import json, sys\n"
+        "from virtshift.cli.main import main\n"
+        "rc = main(['--version'])\n"
+        "print(json.dumps([rc, sorted(m for m in sys.modules if m.startswith('virtshift'))]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    version, last = res.stdout.splitlines()[0], res.stdout.splitlines()[-1]
+    rc, modules = json.loads(last)
+    assert rc == 0
+    assert version.count(".") == 2
+    assert not set(LAZY_VERBS.values()) & set(modules)
+    assert "virtshift.libvirt" not in modules
+
+
+def test_help_lists_every_verb_with_its_short_help() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "virtshift", "--help"], capture_output=True, text=True, check=True
+    )
+    lines = res.stdout.split("Commands:\n", 1)[1].splitlines()
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.strip()}
+    verbs = _all_verbs()
+    assert set(listed) == set(verbs)
+    for name in verbs:
+        words = cli.commands[name].get_short_help_str(limit=45).rstrip(".").split()
+        # click shortens the text to the terminal width; its first words are there
+        assert listed[name].startswith(" ".join(words[:3])), name
+
+
+def test_a_lazy_verb_runs() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "virtshift", "snapshot-list", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "List a domain's snapshots." in res.stdout
