@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -98,6 +99,22 @@ def connect_unix(path: str) -> socket.socket:
     return sock
 
 
+def _check_socket(path: str) -> None:
+    """Raise unless ``path`` is a unix socket owned by this user (``lstat``)."""
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED,
+            f"cannot connect to QEMU monitor '{path}': {err.strerror}",
+        ) from err
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED,
+            f"QEMU monitor '{path}' is not a socket owned by this user; refusing to connect",
+        )
+
+
 class Monitor:
     """A connected QMP monitor (blocking API).
 
@@ -126,11 +143,13 @@ class Monitor:
         reply to the next client before the greeting (seen after SIGKILLs); such
         a connection is dropped and made again, a few times.
 
-        :raise VirtError: OPERATION_FAILED when the socket cannot be reached or
+        :raise VirtError: OPERATION_FAILED when the socket cannot be reached, is
+            not a socket of this user (a symbolic link is never followed), or
             QEMU does not greet.
         """
         from qemu.qmp import QMPClient
 
+        _check_socket(self.path)
         for attempt in range(4):
             try:
                 sock = connect_unix(self.path)

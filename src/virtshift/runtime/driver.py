@@ -19,7 +19,11 @@ Rules kept here:
 * QEMU runs in its own session and outlives the process that started it; a
   later process finds it through the status file, and signals it only after
   checking that pid's command line names this domain (pid reuse is not ours);
-* every image is opened with an explicit format and an explicit backing chain.
+* every image is opened with an explicit format and an explicit backing chain;
+* the root belongs to the user running virtshift and is private (0700, files
+  0600, QEMU runs with umask 077 so its sockets are 0600); nothing under it is
+  followed through a symbolic link, and socket, log and run-directory paths are
+  derived from the root and the domain name, never read from a status file.
 
 What this module does not do: XML text (``xml/``), QMP wire details
 (``qmp/``), command-line planning (``ops/start.py``), the libvirt-python shapes
@@ -36,6 +40,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -44,12 +49,20 @@ from pathlib import Path
 from typing import Any
 
 from virtshift.errors import ErrorCode, NoDomain, VirtError
-from virtshift.model.domain import Disk, Domain, StorageSource
+from virtshift.model.domain import Disk, Domain
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
-from virtshift.ops.start import AGENT_PORT, chain_from_image_info, plan_start
+from virtshift.ops.start import AGENT_PORT, KNOWN_FORMATS, chain_from_image_info, plan_start
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import caps_from_replies, parse_query_block
-from virtshift.store.files import FileLock, ensure_dir, remove_quietly, write_atomic
+from virtshift.store.files import (
+    FileLock,
+    ensure_dir,
+    open_private,
+    refuse_link,
+    remove_quietly,
+    write_atomic,
+)
+from virtshift.store.images import read_chain
 from virtshift.xml.domain import format_domain, parse_domain
 from virtshift.xml.status import format_status, parse_status
 
@@ -58,6 +71,9 @@ __all__ = ["DEFAULT_EMULATOR", "DomainRecord", "Driver"]
 _log = logging.getLogger("virtshift.driver")
 
 DEFAULT_EMULATOR = "qemu-system-x86_64"
+#: QMP sockets in a domain's run directory (the paths are never read from files).
+MONITOR_SOCKET = "monitor.sock"
+QUERY_SOCKET = "query.sock"
 #: Seconds to wait for a new QEMU's monitor.
 START_TIMEOUT = 30.0
 #: Names of capability cache entries that status files refer to.
@@ -102,11 +118,16 @@ class Driver:
     """All domains under one root directory.
 
     :param root: the driver's root (created 0700 when missing).
+    :raise VirtError: SYSTEM_ERROR when the root belongs to another user or is
+        not a directory; OPERATION_FAILED when a directory under it is a
+        symbolic link.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).absolute()
-        ensure_dir(self.root)
+        _check_root_owner(self.root)
+        if not os.path.exists(self.root):
+            ensure_dir(self.root)
         os.chmod(self.root, 0o700)
         self.config_dir = ensure_dir(self.root / "etc" / "qemu")
         self.run_dir = ensure_dir(self.root / "run" / "qemu")
@@ -174,7 +195,10 @@ class Driver:
         return sorted(n for n in names if self._exists(n))
 
     def _exists(self, name: str) -> bool:
-        return self.config_path(name).exists() or self._read_status(name) is not None
+        try:
+            return os.path.lexists(self.config_path(name)) or self._read_status(name) is not None
+        except VirtError:  # a refused file: listed, so that reading it reports why
+            return True
 
     def _cached(self, path: Path, parse: Callable[[bytes], Any]) -> Any:
         """Parse ``path``, reusing the last result while the file is the same file.
@@ -182,17 +206,25 @@ class Driver:
         State files are only ever replaced by rename (``write_atomic``), so a file
         with the same inode, size and mtime has the same content.  Returns None
         when the file does not exist.
+
+        :raise VirtError: OPERATION_FAILED for a symbolic link (never followed)
+            or anything but a regular file.
         """
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                key = (st.st_ino, st.st_size, st.st_mtime_ns)
-                hit = self._parsed.get(path)
-                if hit is not None and hit[0] == key:
-                    return hit[1]
-                text = f.read()
-        except FileNotFoundError:
-            return None
+            fd = open_private(path, os.O_RDONLY | os.O_NONBLOCK)
+        except VirtError as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                return None
+            raise
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise VirtError(ErrorCode.OPERATION_FAILED, f"'{path}' is not a regular file")
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            hit = self._parsed.get(path)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            text = f.read()
         value = parse(text)
         self._parsed[path] = (key, value)
         return value
@@ -201,13 +233,25 @@ class Driver:
         return self._cached(self.config_path(name), parse_domain)  # type: ignore[no-any-return]
 
     def _read_status(self, name: str) -> DomainStatus | None:
-        """The status if its QEMU is still the one recorded and alive."""
+        """The status if its QEMU is still the one recorded and alive.
+
+        The socket, log and run-directory paths are the ones this root gives the
+        domain, whatever the file says: a status file can never point virtshift
+        at another QEMU's monitor.
+        """
         status: DomainStatus | None = self._cached(self.status_path(name), self._parse_status)
         if status is None:
             return None
         if not _qemu_alive(status):
             return None
-        return status
+        rundir = self.domain_run_dir(name)
+        return dataclasses.replace(
+            status,
+            monitor=str(rundir / MONITOR_SOCKET),
+            query_monitor=str(rundir / QUERY_SOCKET),
+            rundir=str(rundir),
+            log=str(self.log_path(name)),
+        )
 
     def record(self, name: str) -> DomainRecord:
         """The domain named ``name``.
@@ -371,7 +415,9 @@ class Driver:
                         "No such file or directory",
                     )
             if src.backing is None and not src.backing_end:
-                infos = _image_info_chain(src, disk.target)
+                assert src.path is not None
+                assert src.format is not None
+                infos = _header_chain(src.path, src.format)
                 src = chain_from_image_info(src, infos, disk=disk.target)
             disks.append(dataclasses.replace(disk, source=src))
         return dataclasses.replace(dom, disks=tuple(disks))
@@ -393,11 +439,13 @@ class Driver:
                 )
             accel = "kvm"
         rundir = self.domain_run_dir(name)
+        refuse_link(rundir)
+        refuse_link(self.log_path(name))
         if rundir.exists():
             shutil.rmtree(rundir, ignore_errors=True)
         ensure_dir(rundir)
-        monitor = str(rundir / "monitor.sock")
-        query = str(rundir / "query.sock")
+        monitor = str(rundir / MONITOR_SOCKET)
+        query = str(rundir / QUERY_SOCKET)
         plan = plan_start(
             dom,
             emulator=emulator,
@@ -410,8 +458,9 @@ class Driver:
         log = self.log_path(name)
         dom_id = self._next_id()
         live = dataclasses.replace(plan.domain, id=dom_id)
-        with open(log, "ab", buffering=0) as logf:
-            os.chmod(log, 0o600)
+        logfd = open_private(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with open(logfd, "ab", buffering=0) as logf:
+            os.fchmod(logfd, 0o600)
             logf.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} starting: {plan.argv!r}\n".encode())
             try:
                 proc = subprocess.Popen(
@@ -422,6 +471,7 @@ class Driver:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    umask=0o077,  # its monitor and agent sockets: owner only
                 )
             except OSError as err:
                 shutil.rmtree(rundir, ignore_errors=True)
@@ -661,8 +711,37 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 200:
-        raise VirtError(ErrorCode.INVALID_ARG, f"invalid domain name '{name}'")
+    if not isinstance(name, str):
+        raise TypeError(f"domain name must be str, not {type(name).__name__}")
+    bad = not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 200
+    if not bad:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            bad = True
+    if bad:
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\0")
+        raise VirtError(ErrorCode.INVALID_ARG, f"invalid domain name '{shown[:300]}'")
+
+
+def _check_root_owner(root: Path) -> None:
+    """Refuse a root that belongs to another user (or is not a directory)."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.SYSTEM_ERROR, f"cannot access driver root '{root}': {err.strerror}"
+        ) from err
+    if not stat.S_ISDIR(st.st_mode):
+        raise VirtError(ErrorCode.SYSTEM_ERROR, f"driver root '{root}' is not a directory")
+    if st.st_uid != os.geteuid():
+        raise VirtError(
+            ErrorCode.SYSTEM_ERROR,
+            f"driver root '{root}' belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.geteuid()}); refusing to use it",
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -737,23 +816,25 @@ def _log_tail(log: Path, limit: int = 2000) -> str:
     return "\n".join(lines[-5:])[-limit:] or "(no output)"
 
 
-def _image_info_chain(src: StorageSource, disk: str) -> list[dict[str, Any]]:
-    assert src.path is not None
-    assert src.format is not None
-    argv = [
-        "qemu-img", "info", "--output=json", "--backing-chain", "-f", src.format, src.path,
-    ]  # fmt: skip
-    try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise VirtError(ErrorCode.OPERATION_FAILED, f"cannot run qemu-img: {err}") from err
-    if res.returncode != 0:
-        raise VirtError(
-            ErrorCode.OPERATION_FAILED,
-            f"cannot read image '{src.path}' of disk '{disk}': {res.stderr.strip()}",
-        )
-    data = json.loads(res.stdout)
-    return data if isinstance(data, list) else [data]
+def _header_chain(path: str, fmt: str) -> list[dict[str, Any]]:
+    """The chain below ``path`` as its headers name it, in ``qemu-img info`` shape.
+
+    Read in process one image at a time with the format each header records:
+    nothing is probed, and a backing name in protocol form, a FIFO or device, a
+    loop are refused (:func:`virtshift.store.images.read_chain`).
+    """
+    if fmt not in KNOWN_FORMATS:  # chain_from_image_info refuses it
+        return [{"filename": path, "format": fmt}]
+    return [
+        {
+            "filename": layer.filename,
+            "format": layer.format,
+            "backing-filename": layer.backing_filename,
+            "full-backing-filename": layer.full_backing_filename,
+            "backing-filename-format": layer.backing_format,
+        }
+        for layer in read_chain(path, fmt)
+    ]
 
 
 def _check_chains(live: Domain, reply: Any) -> Domain:

@@ -99,15 +99,45 @@ def path_kind(path: str) -> PathKind:
     return PathKind.OTHER
 
 
-def preflight(plan: SnapshotPlan) -> dict[str, PathKind]:
-    """Look at every overlay path and check the plan against it; return the kinds."""
+def preflight(plan: SnapshotPlan, domain: Domain) -> dict[str, PathKind]:
+    """Look at every overlay path and check the plan against it; return the kinds.
+
+    With REUSE_EXT, each qcow2 overlay's header must name the disk's current
+    top (and its format) as its backing file: QEMU attaches the current top
+    whatever the header says, but the next start reads the chain from the
+    headers, and would then open a file the user never gave.
+    """
     paths = [ov.path for ov in plan.overlays] + [
         ov.mirror.path for ov in plan.overlays if ov.mirror is not None
     ]
     kinds = {p: path_kind(p) for p in paths}
     dirs = {p: os.path.isdir(os.path.dirname(p)) for p in paths}
     check_paths(plan, kinds, dirs)
+    if plan.reuse:
+        for ov in plan.overlays:
+            disk = domain.disk(ov.target)
+            if ov.format == "qcow2" and disk is not None and disk.source.path is not None:
+                _check_reused_backing(ov, disk.source)
     return kinds
+
+
+def _check_reused_backing(ov: OverlayPlan, top: StorageSource) -> None:
+    layer = read_layer(ov.path, "qcow2")
+    backing = layer.full_backing_filename
+    bfmt = layer.backing_format
+    assert top.path is not None
+    if (
+        backing is None
+        or os.path.realpath(backing) != os.path.realpath(top.path)
+        or bfmt != (top.format or "raw")
+    ):
+        raise VirtError(
+            ErrorCode.OPERATION_INVALID,
+            f"external snapshot file for disk {ov.target} ({ov.path}) names backing file "
+            f"'{backing}' ({bfmt or 'no format'}), not the current top '{top.path}' "
+            f"({top.format or 'raw'}); VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT needs an overlay "
+            "of the current top",
+        )
 
 
 def _remove_created(
@@ -174,7 +204,7 @@ def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monito
     error that says the snapshot was taken.
     """
     assert rec.status is not None
-    before = preflight(plan)
+    before = preflight(plan, rec.definition)
     # what QEMU's graph must look like if a transaction fails: our record of each
     # disk's top node (no query before the transaction: it is on the hot path)
     tops: dict[str, str | None] = {
@@ -262,7 +292,7 @@ def _commit_live(
 def take_offline(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Domain:
     """Create the overlays of an inactive domain with qemu-img; return the new config."""
     assert rec.config is not None
-    before = preflight(plan)
+    before = preflight(plan, rec.definition)
     made: list[OverlayPlan] = []
     try:
         for ov in plan.overlays:
@@ -339,7 +369,7 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
     with Monitor(rec.status.monitor).connect() as mon:
         jobs.reconcile(rec.name, mon)
         rec = driver.record(rec.name)
-        before = preflight(plan)
+        before = preflight(plan, rec.definition)
         if plan.reuse and any(ov.mirror is not None for ov in plan.overlays):
             _check_reused_mirrors(plan, mon, rec)
         take_live(driver, rec, plan, mon)

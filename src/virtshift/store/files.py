@@ -12,7 +12,11 @@
   other exactly as two processes do.
 
 Everything virtshift writes is private to its owner (directories 0700, files
-0600).  This module knows nothing of domains or XML.
+0600, whatever the umask), and nothing here follows a symbolic link planted in
+the driver's root: directories must be real directories, state files are read
+with ``O_NOFOLLOW``, replaced by ``rename`` (which replaces a link, never writes
+through it), and lock files are opened with ``O_NOFOLLOW``.  This module knows
+nothing of domains or XML.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -29,13 +34,83 @@ from types import TracebackType
 
 from virtshift.errors import ErrorCode, VirtError
 
-__all__ = ["FileLock", "ensure_dir", "remove_quietly", "write_atomic"]
+__all__ = [
+    "FileLock",
+    "ensure_dir",
+    "open_private",
+    "refuse_link",
+    "remove_quietly",
+    "write_atomic",
+]
 
 
 def ensure_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) private to the owner; return it."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` (and missing parents) as directories private to the owner.
+
+    Every directory created here is 0700 whatever the umask.  An existing
+    ``path`` must be a real directory, not a symbolic link to one.
+
+    :raise VirtError: OPERATION_FAILED when ``path`` is a symbolic link or not a
+        directory, or cannot be created.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for p in reversed(missing):
+            try:
+                os.mkdir(p, 0o700)
+            except FileExistsError:  # created meanwhile: checked below like any other
+                continue
+            os.chmod(p, 0o700, follow_symlinks=False)
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"cannot create directory '{path}': {err.strerror}"
+        ) from err
+    refuse_link(path, want_dir=True)
     return path
+
+
+def refuse_link(path: Path, *, want_dir: bool = False) -> None:
+    """Raise unless ``path`` is missing or a real file (a directory if ``want_dir``).
+
+    ``lstat``: a symbolic link is refused, never followed.
+
+    :raise VirtError: OPERATION_FAILED naming the path.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"cannot access '{path}': {err.strerror}"
+        ) from err
+    if stat.S_ISLNK(mode):
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"'{path}' is a symbolic link; refusing to follow it"
+        )
+    if want_dir and not stat.S_ISDIR(mode):
+        raise VirtError(ErrorCode.OPERATION_FAILED, f"'{path}' is not a directory")
+
+
+def open_private(path: Path, flags: int) -> int:
+    """``os.open`` of a state file: never through a symbolic link, created 0600.
+
+    :raise VirtError: OPERATION_FAILED for a symbolic link or another error.
+    """
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED, f"'{path}' is a symbolic link; refusing to follow it"
+            ) from None
+        raise VirtError(
+            ErrorCode.OPERATION_FAILED, f"cannot open '{path}': {err.strerror}"
+        ) from err
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -105,9 +180,10 @@ class FileLock:
         """Take the lock, or raise.
 
         :raise VirtError: OPERATION_TIMEOUT when another process keeps it longer
-            than the timeout; the message names that process and its operation.
+            than the timeout; the message names that process and its operation;
+            OPERATION_FAILED when the lock file is a symbolic link.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + self.timeout
         delay = 0.005
         while True:

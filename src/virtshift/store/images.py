@@ -212,7 +212,8 @@ def read_layer(path: str, fmt: str) -> ImageLayer:
     if fmt not in FORMATS:
         raise _bad(path, f"format '{fmt}' is not supported (only qcow2 and raw)")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
         raise _bad(path, err.strerror or str(err)) from None
     try:

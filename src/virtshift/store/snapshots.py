@@ -8,8 +8,8 @@ way libvirt keeps ``/var/lib/libvirt/qemu/snapshot/DOMAIN/NAME.xml``:
 * names are checked before anything touches the file system, so a snapshot
   name can never address a file outside the directory ('/', NUL, a leading
   '.', empty, longer than 200 characters or bytes);
-* a file that is a symbolic link (or anything but a regular file) is refused,
-  never followed: reads open with ``O_NOFOLLOW``, writes check with ``lstat``;
+* a directory or file that is a symbolic link (or anything but what it should
+  be) is refused, never followed: reads open with ``O_NOFOLLOW``, writes check with ``lstat``;
 * temporary files (names starting with '.') and files not ending in ``.xml``
   are not snapshots and are never listed.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from virtshift.errors import ErrorCode, NoDomainSnapshot, VirtError
 from virtshift.model.names import MAX_NAME_LENGTH, check_snapshot_name
-from virtshift.store.files import ensure_dir, remove_quietly, write_atomic
+from virtshift.store.files import ensure_dir, refuse_link, remove_quietly, write_atomic
 
 _SUFFIX = ".xml"
 
@@ -85,6 +85,7 @@ class SnapshotStore:
         :raise NoDomainSnapshot: when there is no document for ``name``.
         """
         path = self.path(name)
+        refuse_link(self.dir, want_dir=True)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -134,6 +135,7 @@ class SnapshotStore:
             entry cannot be removed (a directory, no permission).
         """
         path = self.path(name)
+        refuse_link(self.dir, want_dir=True)
         try:
             remove_quietly(path)
         except OSError as err:
@@ -145,6 +147,7 @@ class SnapshotStore:
         Temporary files, other suffixes and file names that are not valid
         snapshot names are ignored.
         """
+        refuse_link(self.dir, want_dir=True)
         try:
             entries = os.listdir(self.dir)
         except FileNotFoundError:
