@@ -21,7 +21,7 @@ Rules kept here:
   checking that pid's command line names this domain (pid reuse is not ours);
 * every image is opened with an explicit format and an explicit backing chain;
 * the root belongs to the user running virtshift and is private (0700, files
-  0600, QEMU runs with umask 077 so its sockets are 0600); nothing under it is
+  0600, QEMU runs with umask 177 so its sockets are 0600); nothing under it is
   followed through a symbolic link, and socket, log and run-directory paths are
   derived from the root and the domain name, never read from a status file.
 
@@ -471,7 +471,7 @@ class Driver:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
-                    umask=0o077,  # its monitor and agent sockets: owner only
+                    umask=0o177,  # its monitor and agent sockets: 0600
                 )
             except OSError as err:
                 shutil.rmtree(rundir, ignore_errors=True)
