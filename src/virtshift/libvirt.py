@@ -275,6 +275,7 @@ def _api(func: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(func)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
+            _check_strings(func.__name__, (*args, *kwargs.values()))
             return func(*args, **kwargs)
         except VirtError as err:
             raise libvirtError._from(err) from err
@@ -284,6 +285,24 @@ def _api(func: Callable[_P, _R]) -> Callable[_P, _R]:
             ) from err
 
     return wrapper
+
+
+def _check_strings(api: str, values: tuple[Any, ...]) -> None:
+    """Refuse a string argument that no C string can carry: one with a NUL, or a
+    lone surrogate (not UTF-8).  libvirt-python raises ValueError for these
+    before libvirt is called; virtshift answers with INVALID_ARG, so that every
+    refusal of a value is a libvirtError."""
+    for value in values:
+        if not isinstance(value, str):
+            continue
+        if "\0" in value:
+            raise VirtError(ErrorCode.INVALID_ARG, f"{api}: argument contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise VirtError(
+                ErrorCode.INVALID_ARG, f"{api}: argument is not valid UTF-8 text"
+            ) from None
 
 
 def _check_flags(flags: int, allowed: int, api: str) -> None:
@@ -407,6 +426,8 @@ class virConnect:
 
     @_api
     def lookupByUUIDString(self, uuidstr: str) -> virDomain:
+        if not isinstance(uuidstr, str):
+            raise TypeError(f"uuidstr must be str, not {type(uuidstr).__name__}")
         rec = self._driver.record_by_uuid(uuidstr)
         return virDomain(self, rec.name, rec.definition.uuid)
 
@@ -438,6 +459,7 @@ class virConnect:
 
     @_api
     def listAllDomains(self, flags: int = 0) -> list[virDomain]:
+        _check_flags(flags, 0xFF, "virConnectListAllDomains")  # the filters virtshift knows
         out: list[virDomain] = []
         for name in self._driver.names():
             try:

@@ -2,7 +2,9 @@
 
 A snapshot's name names its metadata file, so it must be a safe file name:
 libvirt's rules (no '/', no leading '.') plus what a file system needs (not
-empty, no NUL, valid UTF-8, at most 200 characters and 200 bytes).  Pure.
+empty, no NUL, valid UTF-8, at most 200 characters and 200 bytes) and no
+control characters (a tab or escape sequence in a file name and in listings
+helps nobody).  Pure.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def check_snapshot_name(name: str) -> None:
         reason = "name can't contain a NUL character"
     elif name.startswith("."):
         reason = "name can't start with '.'"
+    elif any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        reason = "name can't contain control characters"
     elif len(name) > MAX_NAME_LENGTH:
         reason = f"name can't be longer than {MAX_NAME_LENGTH} characters"
     else:

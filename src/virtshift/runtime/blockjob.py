@@ -673,8 +673,19 @@ class BlockJobOps(BlockJobs):
                     ErrorCode.CONFIG_UNSUPPORTED,
                     f"block copy destination '{dest.path}' is a symbolic link; give the real path",
                 )
+            if not (is_block or stat_mod.S_ISREG(mode)):
+                raise VirtError(
+                    ErrorCode.CONFIG_UNSUPPORTED,
+                    f"block copy destination '{dest.path}' is not a regular file or block device",
+                )
         except FileNotFoundError:
             exists, is_block = False, False
+        except OSError as err:
+            raise VirtError(
+                ErrorCode.SYSTEM_ERROR,
+                f"cannot access block copy destination '{dest.path}': {err.strerror}",
+                cause=err,
+            ) from err
         if dest.path and not os.path.isdir(os.path.dirname(dest.path)):
             raise VirtError(
                 ErrorCode.INVALID_ARG,

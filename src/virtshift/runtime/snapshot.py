@@ -88,6 +88,10 @@ def path_kind(path: str) -> PathKind:
         return PathKind.MISSING
     except NotADirectoryError:
         return PathKind.OTHER
+    except OSError as err:
+        raise VirtError(
+            ErrorCode.SYSTEM_ERROR, f"cannot access '{path}': {err.strerror}", cause=err
+        ) from err
     if stat.S_ISLNK(st.st_mode):
         return PathKind.SYMLINK
     if stat.S_ISREG(st.st_mode):
