@@ -447,6 +447,8 @@ def _plot_copy(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 def _short_method(name: str) -> str:
     for key, short in (
+        ("1 thread", "virtshift copy_files,\n1 thread"),
+        ("virtshift copy_files", "virtshift copy_files"),
         ("virtshift copy_sparse", "virtshift copy_sparse"),
         ("convert + fsync", "qemu-img convert\n+ fsync"),
         ("qemu-img convert", "qemu-img convert\n(no data sync)"),

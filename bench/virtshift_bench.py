@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import inspect
 import io
 import json
 import os
@@ -48,7 +49,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,7 @@ PATCH_POINTS: list[tuple[str, str | None, str, str | None]] = [
     ("virtshift.runtime.driver", None, "format_domain", "format domain XML"),
     ("virtshift.runtime.snapshot", None, "format_snapshot", "format snapshot XML"),
     ("virtshift.runtime.snapshot", "Snapshots", "load", "load snapshot tree (parse every file)"),
-    ("virtshift.migrate.engine", None, "copy_sparse", "copy layers (copy_sparse)"),
+    ("virtshift.migrate.engine", None, "copy_files", "copy layers (copy_files)"),
     ("subprocess", None, "run", None),
     ("time", None, "sleep", "sleep (polling)"),
 ]
@@ -270,20 +271,30 @@ class Phases:
             else:  # subprocess.run
                 argv = args[0] if args else kwargs.get("args", [])
                 name = "subprocess " + " ".join(str(a) for a in list(argv)[:2])
-            t0 = time.perf_counter()
-            self._stack.append([0.0])
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                el = time.perf_counter() - t0
-                child = self._stack.pop()[0]
-                slot = self.acc.setdefault(name, [0.0, 0])
-                slot[0] += el - child
-                slot[1] += 1
-                if self._stack:
-                    self._stack[-1][0] += el
+            if inspect.isgeneratorfunction(fn):  # time each step, not the creation
+                return self._steps(name, fn(*args, **kwargs))
+            return self._measure(name, lambda: fn(*args, **kwargs))
 
         return wrapper
+
+    def _measure(self, name: str, call: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        self._stack.append([0.0])
+        try:
+            return call()
+        finally:
+            el = time.perf_counter() - t0
+            child = self._stack.pop()[0]
+            slot = self.acc.setdefault(name, [0.0, 0])
+            slot[0] += el - child
+            slot[1] += 1
+            if self._stack:
+                self._stack[-1][0] += el
+
+    def _steps(self, name: str, gen: Iterator[Any]) -> Iterator[Any]:
+        done = object()
+        while (item := self._measure(name, lambda: next(gen, done))) is not done:
+            yield item
 
     def __enter__(self) -> Phases:
         import importlib
@@ -1381,14 +1392,17 @@ class Bench:
 
     def _copy_methods(self, golden: Path, reps: int) -> dict[str, Any]:
         """The copy of the same chain three ways (what bounds the copy phase)."""
-        from virtshift.migrate.copy import copy_sparse
+        from virtshift.migrate.copy import THREADS, copy_files
 
         d = self.work / "copytest"
         base, top = golden / "base.qcow2", golden / "top.qcow2"
+        pairs = [(str(top), str(d / "top.qcow2")), (str(base), str(d / "base.qcow2"))]
 
-        def sparse() -> None:
-            copy_sparse(str(base), str(d / "base.qcow2"))
-            copy_sparse(str(top), str(d / "top.qcow2"))
+        def virtshift_copy() -> None:
+            list(copy_files(pairs))
+
+        def one_thread() -> None:
+            list(copy_files(pairs, threads=1))
 
         def convert() -> None:
             img("convert", "-f", "qcow2", "-O", "qcow2", str(top), str(d / "flat.qcow2"))
@@ -1404,16 +1418,16 @@ class Bench:
             os.fsync(fd)
             os.close(fd)
 
-        def proto() -> None:
-            copy_range_writebehind(str(base), str(d / "base.qcow2"))
-            copy_range_writebehind(str(top), str(d / "top.qcow2"))
-
         methods = [
-            ("virtshift copy_sparse of both layers (pread/pwrite 4 MiB, fsync)", sparse),
+            (
+                f"virtshift copy_files of both layers ({THREADS} threads, copy_file_range, "
+                "write-behind, fsync)",
+                virtshift_copy,
+            ),
+            ("virtshift copy_files, 1 thread (copy_file_range, write-behind, fsync)", one_thread),
             ("qemu-img convert of the chain (flattened; no sync of the data)", convert),
             ("qemu-img convert + fsync of the result", convert_sync),
             ("cp --sparse=always of both layers + sync", cp),
-            ("prototype: copy_file_range + sync_file_range write-behind + fsync", proto),
         ]
         times: dict[str, list[float]] = {m: [] for m, _f in methods}
         for k in range(reps + 1):
@@ -1949,40 +1963,6 @@ class Writer(threading.Thread):
         self.stop_ev.set()
         if self.is_alive():
             self.join()
-
-
-def copy_range_writebehind(src: str, dst: str, step: int = 32 * MIB) -> int:
-    """Prototype of a faster, equally durable ``copy_sparse`` (not in src/): the
-    same data ranges, copied in the kernel (``copy_file_range``), with writeback
-    of each copied step started at once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``)
-    so that the final ``fsync`` finds little left to write."""
-    import ctypes
-
-    from virtshift.migrate.copy import _data_ranges
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    done = 0
-    try:
-        size = os.fstat(sfd).st_size
-        os.ftruncate(dfd, size)
-        for start, end in _data_ranges(sfd, size):
-            pos = start
-            while pos < end:
-                n = os.copy_file_range(sfd, dfd, min(step, end - pos), pos, pos)
-                if n <= 0:
-                    raise OSError(f"copy_file_range stopped at {pos}")
-                libc.sync_file_range(
-                    dfd, ctypes.c_int64(pos), ctypes.c_int64(n), 2
-                )  # SYNC_FILE_RANGE_WRITE
-                pos += n
-                done += n
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-        os.close(sfd)
-    return done
 
 
 def precreate_images(paths: list[str], size: str = "16M") -> None:
