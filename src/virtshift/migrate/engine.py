@@ -83,6 +83,21 @@ def _img(*args: str) -> str:
     return res.stdout
 
 
+def _img_together(*calls: tuple[str, ...]) -> None:
+    """Run independent ``qemu-img`` calls at the same time; fail if any failed
+    (after all of them ended)."""
+    procs = [
+        subprocess.Popen(
+            ["qemu-img", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for args in calls
+    ]
+    errors = [(args[0], p.communicate()[1]) for args, p in zip(calls, procs, strict=True)]
+    for (verb, err), p in zip(errors, procs, strict=True):
+        if p.returncode != 0:
+            raise VirtError(ErrorCode.OPERATION_FAILED, f"qemu-img {verb} failed: {err.strip()}")
+
+
 def _read(path: str, fmt: str, *, chain: bool = False) -> list[ImageLayer]:
     """The header facts of an image (and its chain), read in process."""
     try:
@@ -443,20 +458,19 @@ class Migration:
         for path in (move.overlay, move.mirror):
             if os.path.lexists(path) and path in move.created:
                 os.unlink(path)  # ours, from an interrupted attempt
-        _img("create", "-q", "-f", "qcow2", "-b", top.path, "-F", top.format, move.overlay)
-        _img(
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            os.path.basename(move.dest_layers[0]),
-            "-F",
-            top.format,
-            move.mirror,
-            str(top.virtual_size),
-        )
+        # the two files do not depend on each other: one process each, together;
+        # if one fails, the other is removed too, so a failed step changes nothing
+        try:
+            _img_together(
+                ("create", "-q", "-f", "qcow2", "-b", top.path, "-F", top.format, move.overlay),
+                ("create", "-q", "-f", "qcow2", "-u", "-b", os.path.basename(move.dest_layers[0]),
+                 "-F", top.format, move.mirror, str(top.virtual_size)),
+            )  # fmt: skip
+        except VirtError:
+            for path in (move.overlay, move.mirror):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
         return move
 
     def _agent_answers(self) -> bool:
