@@ -208,3 +208,42 @@ def test_copy_destination_link_is_refused(
     assert _state(dom, root, images, outside) == before
     assert dom.blockJobInfo("vda", 0) == {}
     dom.destroy()
+
+
+def test_status_pid_of_another_roots_qemu_is_not_ours(
+    tmp_path: Path, conn, root: Path, images: Path
+) -> None:
+    """A status file naming the pid of a QEMU of another root, even one running a
+    domain of the same name and UUID, never lets virtshift signal it."""
+    import os
+    import signal
+
+    from .conftest import status_pid
+
+    uuid = "6a1c9d3e-0b7f-4e35-9a59-2f0d8b7c1e44"
+    other_root = tmp_path / "other-root"
+    other = libvirt.open(f"qemu:///embed?root={other_root}")
+    try:
+        theirs = other.createXML(
+            domain_xml("twin", [("vda", make_image(images / "t.qcow2"), "qcow2")], uuid=uuid), 0
+        )
+        mine = conn.createXML(
+            domain_xml("twin", [("vda", make_image(images / "m.qcow2"), "qcow2")], uuid=uuid), 0
+        )
+        status = root / "run" / "qemu" / "twin.xml"
+        my_pid = status_pid(status)
+        their_pid = status_pid(other_root / "run" / "qemu" / "twin.xml")
+        text = status.read_text()
+        assert f'pid="{my_pid}"' in text
+        status.write_text(text.replace(f'pid="{my_pid}"', f'pid="{their_pid}"'))
+        try:
+            # that pid runs in another root's directory: this transient domain is gone
+            err = _error(mine.destroy)
+            assert err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+            assert theirs.isActive() == 1
+            assert theirs.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        finally:
+            os.kill(my_pid, signal.SIGKILL)
+        theirs.destroy()
+    finally:
+        other.close()

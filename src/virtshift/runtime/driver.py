@@ -242,9 +242,9 @@ class Driver:
         status: DomainStatus | None = self._cached(self.status_path(name), self._parse_status)
         if status is None:
             return None
-        if not _qemu_alive(status):
-            return None
         rundir = self.domain_run_dir(name)
+        if not _qemu_alive(status, rundir):
+            return None
         return dataclasses.replace(
             status,
             monitor=str(rundir / MONITOR_SOCKET),
@@ -767,13 +767,22 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _qemu_alive(status: DomainStatus) -> bool:
-    """True when ``status.pid`` is alive and is the QEMU of that domain."""
+def _qemu_alive(status: DomainStatus, rundir: Path) -> bool:
+    """True when ``status.pid`` is alive and is the QEMU of that domain, started
+    here: its command line names the domain and its UUID, and it runs in this
+    root's run directory of the domain (a QEMU of the same domain under another
+    root, or of another user, is not ours)."""
     if status.pid <= 0 or not _pid_alive(status.pid):
         return False
     argv = _cmdline(status.pid)
     want = f"guest={status.domain.name},debug-threads=on"
-    return want in argv and status.domain.uuid in argv
+    if want not in argv or status.domain.uuid not in argv:
+        return False
+    try:
+        cwd = os.readlink(f"/proc/{status.pid}/cwd")
+    except OSError:  # another user's process, or gone
+        return False
+    return cwd == os.path.realpath(rundir)
 
 
 def _kill(pid: int, grace: float = 5.0) -> None:
