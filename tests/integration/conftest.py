@@ -143,6 +143,13 @@ def domain_xml(
 """)
 
 
+def destroy_all(conn) -> None:
+    """Stop every running domain of ``conn`` (for roots other than the fixture's,
+    which its teardown does not clean up)."""
+    for dom in conn.listAllDomains(1):  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        dom.destroy()
+
+
 def status_pid(status: Path) -> int:
     """The QEMU pid recorded in a status file."""
     from lxml import etree

@@ -16,7 +16,7 @@ import pytest
 
 import virtshift.libvirt as libvirt
 
-from .conftest import domain_xml, make_image
+from .conftest import destroy_all, domain_xml, make_image
 
 NOBODY = 65534
 
@@ -77,8 +77,8 @@ def test_everything_under_the_root_is_owner_only(tmp_path: Path, images: Path, u
             if m != {"dir": 0o700, "file": 0o600, "sock": 0o600}[k]
         }
         assert wrong == {}
-        dom.destroy()
     finally:
+        destroy_all(conn)
         conn.close()
 
 
@@ -161,8 +161,8 @@ def test_another_user_reaches_neither_the_root_nor_its_qemu(shared_tmp: Path, im
         assert "belongs to uid 0" in lines[0]
         assert lines[1] == "SOCK EACCES"
         assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        dom.destroy()
     finally:
+        destroy_all(conn)
         conn.close()
 
 

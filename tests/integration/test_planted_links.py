@@ -18,7 +18,7 @@ import pytest
 import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 
-from .conftest import domain_xml, make_image, tree_state
+from .conftest import destroy_all, domain_xml, make_image, status_pid, tree_state
 
 DISK_ONLY = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 REUSE = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
@@ -146,8 +146,8 @@ def test_monitor_socket_link_and_status_paths_reach_no_other_qemu(
         reply = json.loads(libvirt_qemu.qemuMonitorCommand(victim, '{"execute":"query-status"}', 0))
         assert reply["return"]["status"] == "running"
         dom.destroy()
-        victim.destroy()
     finally:
+        destroy_all(other)
         other.close()
 
 
@@ -218,8 +218,6 @@ def test_status_pid_of_another_roots_qemu_is_not_ours(
     import os
     import signal
 
-    from .conftest import status_pid
-
     uuid = "6a1c9d3e-0b7f-4e35-9a59-2f0d8b7c1e44"
     other_root = tmp_path / "other-root"
     other = libvirt.open(f"qemu:///embed?root={other_root}")
@@ -244,6 +242,6 @@ def test_status_pid_of_another_roots_qemu_is_not_ours(
             assert theirs.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         finally:
             os.kill(my_pid, signal.SIGKILL)
-        theirs.destroy()
     finally:
+        destroy_all(other)
         other.close()
