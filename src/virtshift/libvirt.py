@@ -736,7 +736,7 @@ class virDomain:
     @_api
     def snapshotLookupByName(self, name: str, flags: int = 0) -> virDomainSnapshot:
         _check_flags(flags, 0, "virDomainSnapshotLookupByName")
-        self._snapshots.get(self._name, name)
+        self._snapshots.tree_with(self._name, name)
         return virDomainSnapshot(self, name)
 
     @_api
@@ -984,6 +984,12 @@ class virDomainSnapshot:
             return self._detached, None
         return self._dom._snapshots.get(self._dom.name(), self._name)
 
+    def _tree(self) -> Any:
+        """The tree (None for a snapshot without metadata); parses no definition."""
+        if self._detached is not None:
+            return None
+        return self._dom._snapshots.tree_with(self._dom.name(), self._name)
+
     @_api
     def getXMLDesc(self, flags: int = 0) -> str:
         from virtshift.xml.snapshot import format_snapshot
@@ -995,7 +1001,7 @@ class virDomainSnapshot:
     @_api
     def getParent(self, flags: int = 0) -> virDomainSnapshot:
         _check_flags(flags, 0, "virDomainSnapshotGetParent")
-        _snap, tree = self._def()
+        tree = self._tree()
         if tree is None:
             raise VirtError(
                 ErrorCode.NO_DOMAIN_SNAPSHOT, f"snapshot '{self._name}' has no metadata"
@@ -1005,7 +1011,7 @@ class virDomainSnapshot:
     @_api
     def isCurrent(self, flags: int = 0) -> int:
         _check_flags(flags, 0, "virDomainSnapshotIsCurrent")
-        _snap, tree = self._def()
+        tree = self._tree()
         return 1 if tree is not None and tree.current == self._name else 0
 
     @_api
@@ -1013,12 +1019,12 @@ class virDomainSnapshot:
         _check_flags(flags, 0, "virDomainSnapshotHasMetadata")
         if self._detached is not None:
             return 0
-        self._def()
+        self._tree()
         return 1
 
     @_api
     def listChildrenNames(self, flags: int = 0) -> list[str]:
-        _snap, tree = self._def()
+        tree = self._tree()
         if tree is None:
             return []
         return list(tree.list(flags, of=self._name))
@@ -1029,7 +1035,7 @@ class virDomainSnapshot:
 
     @_api
     def numChildren(self, flags: int = 0) -> int:
-        _snap, tree = self._def()
+        tree = self._tree()
         return 0 if tree is None else int(tree.count(flags, of=self._name))
 
     @_api

@@ -242,10 +242,29 @@ def check_domain(conn: Any, name: str, records: list[dict[str, Any]], images: Pa
     return order
 
 
+def check_index(index: Path) -> None:
+    """An index entry whose file key still matches says what the file says."""
+    for name, entry in json.loads(index.read_text()).items():
+        doc = index.parent / f"{name}.xml"
+        if not doc.exists():
+            continue
+        st = os.lstat(doc)
+        if entry["key"] != [st.st_ino, st.st_size, st.st_mtime_ns]:
+            continue  # stale: a reader parses the file again
+        xml = etree.fromstring(doc.read_bytes())
+        assert entry["name"] == xml.findtext("name")
+        assert entry["parent"] == xml.findtext("parent/name")
+        assert entry["current"] == (xml.findtext("active") == "1")
+
+
 def check_files(root: Path) -> None:
-    """Every metadata file parses; no temporary file is left; no lock is held."""
+    """Every metadata file parses; the index agrees with every file it still
+    describes; no temporary file is left; no lock is held."""
     for path in (root / "lib" / "qemu" / "snapshot").rglob("*"):
         if path.is_file():
+            if path.name == ".index.json":
+                check_index(path)
+                continue
             assert not path.name.startswith("."), f"temporary file left: {path}"
             etree.fromstring(path.read_bytes())
     left = [p for p in root.rglob(".*.tmp")]

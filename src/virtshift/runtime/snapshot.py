@@ -30,11 +30,11 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from virtshift.errors import ErrorCode, QMPError, VirtError
+from virtshift.errors import ErrorCode, NoDomainSnapshot, QMPError, VirtError
 from virtshift.model.domain import Domain, StorageSource
 from virtshift.model.job import JobState
 from virtshift.model.snapshot import SnapshotDef
@@ -66,7 +66,7 @@ from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver
 from virtshift.store.images import read_layer
-from virtshift.store.snapshots import SnapshotStore
+from virtshift.store.snapshots import FileKeyT, IndexEntry, SnapshotStore
 from virtshift.xml.snapshot import (
     apply_creation_defaults,
     check_snapshot_name,
@@ -510,51 +510,125 @@ def undo_overlays(
 # -- the snapshot service: metadata, tree, create, delete ----------------------------
 
 
+class Definitions(MutableMapping[str, SnapshotDef]):
+    """The snapshot definitions of one :meth:`Snapshots.load`, by name, parsed
+    when first asked for (the tree needs none of them: it comes from the index).
+
+    Callers that change metadata hold the domain lock, so a definition read
+    later is the one the tree was built from; :meth:`Snapshots.get` asks for its
+    definition inside the load instead.
+    """
+
+    def __init__(self, parse: Callable[[str], SnapshotDef], files: dict[str, str]) -> None:
+        self._parse = parse
+        #: Snapshot name -> document name (file stem); they differ only in
+        #: hand-placed files.
+        self._files = files
+        self._defs: dict[str, SnapshotDef] = {}
+
+    def __getitem__(self, name: str) -> SnapshotDef:
+        hit = self._defs.get(name)
+        if hit is None:
+            hit = self._parse(self._files[name])  # KeyError: no such snapshot
+            self._defs[name] = hit
+        return hit
+
+    def __setitem__(self, name: str, snap: SnapshotDef) -> None:
+        self._files.setdefault(name, name)
+        self._defs[name] = snap
+
+    def __delitem__(self, name: str) -> None:
+        del self._files[name]
+        self._defs.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
 class Snapshots:
     """Snapshot metadata and operations of the domains of one driver.
 
-    The tree is rebuilt from the metadata files on every call (cheap: one
-    small file per snapshot), so processes never disagree about it.
+    The tree is rebuilt from the metadata files on every call, so processes
+    never disagree about it.  What each file says about the tree is cached in
+    the store's index (checked against each file's inode, size and mtime), and
+    a definition is parsed only when it is used, once per file version and
+    connection.
     """
 
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
-        self._parsed: dict[str, SnapshotDef] = {}
+        self._parsed: dict[tuple[str, str], tuple[FileKeyT, SnapshotDef]] = {}
 
     def store(self, domain: str) -> SnapshotStore:
         return SnapshotStore(self.driver.snapshot_dir(domain))
 
-    def load(self, domain: str) -> tuple[SnapshotTree, dict[str, SnapshotDef]]:
+    def _parse(self, domain: str, document: str, key: FileKeyT | None = None) -> SnapshotDef:
+        """The definition in ``document`` (parsed once per file version).
+
+        :raise NoDomainSnapshot: the file is gone.
+        """
+        store = self.store(domain)
+        if key is None:
+            key = store.key(document)
+        hit = self._parsed.get((domain, document))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        snap = parse_snapshot(store.read(document), redefine=True, internal=True)
+        self._parsed[(domain, document)] = (key, snap)
+        return snap
+
+    def load(self, domain: str, *, need: tuple[str, ...] = ()) -> tuple[SnapshotTree, Definitions]:
         """The domain's snapshot tree and definitions, as of one moment (the files
-        are read under the shared metadata lock: no change is seen half-done)."""
+        are read under the shared metadata lock: no change is seen half-done).
+
+        :param need: names whose definitions are parsed under that lock too.
+        """
+        store = self.store(domain)
+        entries: dict[str, IndexEntry] = {}
         defs: dict[str, SnapshotDef] = {}
-        seen: dict[str, SnapshotDef] = {}
         with self.driver.metadata_lock(domain, shared=True).hold("read"):
-            documents = self.store(domain).read_all()
-        for name, text in documents.items():
-            # parsing (with the embedded domain) is the cost, reading is cheap: reuse
-            # the definition of a document this object has parsed before
-            snap = self._parsed.get(text) or parse_snapshot(text, redefine=True, internal=True)
-            seen[text] = snap
-            defs[snap.name or name] = snap
-        self._parsed = seen
+            keys = store.keys()
+            index = store.read_index()
+            stale = index.keys() != keys.keys()
+            for document, key in keys.items():
+                hit = index.get(document)
+                if hit is not None and hit.key == key and document not in need:
+                    entries[document] = hit
+                    continue
+                try:
+                    snap = self._parse(domain, document, key)
+                except NoDomainSnapshot:
+                    stale = True
+                    continue
+                entry = IndexEntry(key=key, node=_node(snap), current=bool(snap.current))
+                stale = stale or entry != hit
+                entries[document] = entry
+                defs[entry.node.name] = snap
+            if stale:
+                store.write_index(entries)
+        # forget removed documents (list() copies at once: other threads may add)
+        for cached in [k for k in list(self._parsed) if k[0] == domain and k[1] not in keys]:
+            self._parsed.pop(cached, None)
         currents = sorted(
-            (d for d in defs.values() if d.current), key=lambda d: d.creation_time or 0
+            (e.node for e in entries.values() if e.current), key=lambda n: n.creation_time
         )
-        nodes = [_node(d) for d in defs.values()]
-        tree = SnapshotTree(nodes, current=currents[-1].name if currents else None)
-        return tree, defs
+        tree = SnapshotTree(
+            [e.node for e in entries.values()], current=currents[-1].name if currents else None
+        )
+        out = Definitions(
+            lambda document: self._parse(domain, document),
+            {e.node.name: document for document, e in entries.items()},
+        )
+        for name, snap in defs.items():
+            out[name] = snap
+        return tree, out
 
     def _changing(self, domain: str, operation: str) -> contextlib.AbstractContextManager[None]:
         """Hold the exclusive metadata lock for the writes of one change."""
         return self.driver.metadata_lock(domain, shared=False).hold(operation)
-
-    def _write(self, domain: str, uuid: str, snap: SnapshotDef, *, current: bool) -> None:
-        assert snap.name is not None
-        text = format_snapshot(
-            dataclasses.replace(snap, current=current), internal=True, domain_uuid=uuid
-        )
-        self.store(domain).write(snap.name, text)
 
     def _sync(
         self,
@@ -562,27 +636,36 @@ class Snapshots:
         uuid: str,
         old: SnapshotTree,
         new: SnapshotTree,
-        defs: dict[str, SnapshotDef],
+        defs: MutableMapping[str, SnapshotDef],
+        *,
+        rewrite: str | None = None,
     ) -> None:
-        """Write the files whose parent or current flag changed between two trees.
+        """Write the files whose parent or current flag changed between two trees
+        (and ``rewrite``'s in any case), remove those of removed snapshots, and
+        bring the index up to date with them.
 
         The caller holds the domain lock and the exclusive metadata lock
         (:meth:`_changing`), so readers see all of these writes or none."""
+        store = self.store(domain)
+        written: dict[str, IndexEntry] = {}
         for name, node in new.nodes.items():
             before = old.nodes.get(name)
-            snap = defs[name]
             changed_parent = before is None or before.parent != node.parent
             changed_current = (old.current == name) != (new.current == name)
-            if changed_parent or changed_current:
-                self._write(
-                    domain,
-                    uuid,
-                    dataclasses.replace(snap, parent=node.parent),
-                    current=new.current == name,
-                )
-        for name in old.nodes:
-            if name not in new.nodes:
-                self.store(domain).remove(name)
+            if changed_parent or changed_current or name == rewrite:
+                current = new.current == name
+                snap = dataclasses.replace(defs[name], parent=node.parent, current=current)
+                store.write(name, format_snapshot(snap, internal=True, domain_uuid=uuid))
+                written[name] = IndexEntry(key=store.key(name), node=_node(snap), current=current)
+        removed = [name for name in old.nodes if name not in new.nodes]
+        for name in removed:
+            store.remove(name)
+        if written or removed:
+            index = store.read_index()
+            index.update(written)
+            for name in removed:
+                index.pop(name, None)
+            store.write_index(index)
 
     # -- create -----------------------------------------------------------------
 
@@ -621,7 +704,8 @@ class Snapshots:
                 new = tree.add(_node(plan.snapshot), make_current=True)
                 # writes the new snapshot and the old current one (no longer current)
                 with self._changing(domain, "snapshot-create"):
-                    self._sync(domain, before.uuid, tree, new, {**defs, snap.name: plan.snapshot})
+                    defs[snap.name] = plan.snapshot
+                    self._sync(domain, before.uuid, tree, new, defs)
             return plan.snapshot, plan.metadata
 
     def _redefine(self, rec: DomainRecord, xml: str, flags: int) -> SnapshotDef:
@@ -650,14 +734,22 @@ class Snapshots:
         new = tree.redefine(_node(snap), make_current=bool(flags & CreateFlags.CURRENT))
         defs[snap.name] = snap
         with self._changing(rec.name, "snapshot-create redefine"):
-            self._write(rec.name, uuid, snap, current=new.current == snap.name)
-            self._sync(rec.name, uuid, tree, new, defs)
+            self._sync(rec.name, uuid, tree, new, defs, rewrite=snap.name)
         return snap
 
     # -- queries ---------------------------------------------------------------
 
+    def tree_with(self, domain: str, name: str) -> SnapshotTree:
+        """The tree, which has ``name`` (no definition is parsed).
+
+        :raise NoDomainSnapshot: with libvirt's message, when it has not.
+        """
+        tree, _defs = self.load(domain)
+        tree.get(name)
+        return tree
+
     def get(self, domain: str, name: str) -> tuple[SnapshotDef, SnapshotTree]:
-        tree, defs = self.load(domain)
+        tree, defs = self.load(domain, need=(name,))
         tree.get(name)  # raises NoDomainSnapshot with libvirt's message
         return defs[name], tree
 

@@ -16,22 +16,53 @@ way libvirt keeps ``/var/lib/libvirt/qemu/snapshot/DOMAIN/NAME.xml``:
 The store deliberately does not parse the documents, know which snapshot is
 current or how they form a tree (:mod:`virtshift.model.snaptree`), nor lock:
 callers hold the per-domain lock of :mod:`virtshift.runtime` around changes.
+
+It also keeps ``DIR/.index.json``, a cache of what each document says about
+the tree (:class:`IndexEntry`: its :class:`SnapNode` and current flag), with
+the (inode, size, mtime) of the file it was taken from.  A reader trusts an
+entry only while the file still has that inode, size and mtime, so a new
+process can build the tree of 1,000 snapshots from one file and 1,000
+``lstat`` calls instead of parsing every document.  The index is a hint: it
+is written without ``fsync``, and a missing, damaged or stale one only costs
+parsing again.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from virtshift.errors import ErrorCode, NoDomainSnapshot, VirtError
 from virtshift.model.names import MAX_NAME_LENGTH, check_snapshot_name
+from virtshift.model.snaptree import SnapNode
 from virtshift.store.files import ensure_dir, refuse_link, remove_quietly, write_atomic
 
 _SUFFIX = ".xml"
 
-__all__ = ["MAX_NAME_LENGTH", "SnapshotStore", "check_snapshot_name"]
+__all__ = ["MAX_NAME_LENGTH", "FileKeyT", "IndexEntry", "SnapshotStore", "check_snapshot_name"]
+
+_INDEX = ".index.json"
+_T = TypeVar("_T")
+
+#: (inode, size, mtime in ns) of a document file: while these are unchanged, so
+#: is the content (documents are only ever replaced by rename).
+FileKeyT = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexEntry:
+    """What one document says about the tree, and which file version said it."""
+
+    key: FileKeyT
+    node: SnapNode
+    current: bool
 
 
 class SnapshotStore:
@@ -117,10 +148,14 @@ class SnapshotStore:
             link makes the whole store unreadable rather than silently hiding a
             snapshot.
         """
-        out: dict[str, str] = {}
+        return self._each(self.read)
+
+    def _each(self, get: Callable[[str], _T]) -> dict[str, _T]:
+        """``get(name)`` of every document, by name (a file removed meanwhile is skipped)."""
+        out: dict[str, _T] = {}
         for name in self.names():
             try:
-                out[name] = self.read(name)
+                out[name] = get(name)
             except NoDomainSnapshot:
                 continue
         return out
@@ -140,6 +175,87 @@ class SnapshotStore:
             remove_quietly(path)
         except OSError as err:
             raise _failed(path, err) from err
+
+    def key(self, name: str) -> FileKeyT:
+        """The (inode, size, mtime) of the document of ``name`` (``lstat``).
+
+        :raise NoDomainSnapshot: when there is none.
+        :raise VirtError: XML_DETAIL for an unsafe name; OPERATION_FAILED for a
+            symbolic link or anything but a regular file.
+        """
+        path = self.path(name)
+        refuse_link(self.dir, want_dir=True)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise NoDomainSnapshot(f"no domain snapshot with matching name '{name}'") from None
+        except OSError as err:
+            raise _failed(path, err) from err
+        if stat.S_ISLNK(st.st_mode):
+            raise _refused(path, "is a symbolic link")
+        if not stat.S_ISREG(st.st_mode):
+            raise _refused(path, "is not a regular file")
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def keys(self) -> dict[str, FileKeyT]:
+        """:meth:`key` of every document, by name (a file removed meanwhile is skipped)."""
+        return self._each(self.key)
+
+    def read_index(self) -> dict[str, IndexEntry]:
+        """The index entries by document name; {} when there is no usable index
+        (missing, not a regular file, not the expected JSON: entries that do not
+        check are left out)."""
+        path = self.dir / _INDEX
+        refuse_link(self.dir, want_dir=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return {}
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        finally:
+            os.close(fd)
+        if not isinstance(data, dict):
+            return {}
+        out: dict[str, IndexEntry] = {}
+        for name, raw in data.items():
+            entry = _entry_from(raw)
+            if entry is not None:
+                out[name] = entry
+        return out
+
+    def write_index(self, entries: Mapping[str, IndexEntry]) -> None:
+        """Replace the index (best effort, no ``fsync``: it is only a cache)."""
+        data = {
+            name: {
+                "key": list(e.key),
+                "name": e.node.name,
+                "parent": e.node.parent,
+                "creationTime": e.node.creation_time,
+                "state": e.node.state,
+                "external": e.node.external,
+                "current": e.current,
+            }
+            for name, e in entries.items()
+        }
+        refuse_link(self.dir, want_dir=True)
+        tmp = self.dir / f".index.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            try:
+                os.write(fd, json.dumps(data, separators=(",", ":")).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.dir / _INDEX)
+        except OSError:
+            remove_quietly(tmp)
 
     def names(self) -> list[str]:
         """The names that have a document, sorted.
@@ -165,6 +281,29 @@ class SnapshotStore:
                 continue
             out.append(name)
         return sorted(out)
+
+
+def _entry_from(raw: Any) -> IndexEntry | None:
+    """An index entry from its JSON form, or None if any field is of the wrong type."""
+    if not isinstance(raw, dict):
+        return None
+    key, name, parent = raw.get("key"), raw.get("name"), raw.get("parent")
+    ctime, state = raw.get("creationTime"), raw.get("state")
+    external, current = raw.get("external"), raw.get("current")
+    if not (
+        isinstance(key, list)
+        and len(key) == 3
+        and all(type(k) is int for k in key)
+        and isinstance(name, str)
+        and (parent is None or isinstance(parent, str))
+        and type(ctime) is int
+        and isinstance(state, str)
+        and type(external) is bool
+        and type(current) is bool
+    ):
+        return None
+    node = SnapNode(name=name, parent=parent, creation_time=ctime, state=state, external=external)
+    return IndexEntry(key=(key[0], key[1], key[2]), node=node, current=current)
 
 
 def _refuse_odd_file(path: Path) -> None:
