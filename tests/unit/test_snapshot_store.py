@@ -26,12 +26,16 @@ def store(tmp_path: Path) -> SnapshotStore:
 def test_round_trip(store: SnapshotStore) -> None:
     assert store.names() == []
     assert store.read_all() == {}
+    assert store.keys() == {}
     store.write("s3", DOC_S3)
     store.write("s2", DOC_S2)
     assert store.read("s3") == DOC_S3
     assert store.read("s2") == DOC_S2
     assert store.names() == ["s2", "s3"]
     assert store.read_all() == {"s2": DOC_S2, "s3": DOC_S3}
+    st = os.lstat(store.dir / "s2.xml")
+    assert store.keys()["s2"] == store.key("s2") == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert sorted(store.keys()) == ["s2", "s3"]
     assert (store.dir / "s2.xml").read_text(encoding="utf-8") == DOC_S2
 
 
@@ -181,6 +185,8 @@ def test_planted_symlink_is_refused(store: SnapshotStore, tmp_path: Path) -> Non
     assert store.names() == ["evil", "s1"]
     with pytest.raises(VirtError, match="is a symbolic link"):
         store.read_all()
+    with pytest.raises(VirtError, match="is a symbolic link"):
+        store.keys()  # what a load of the tree reads first
     assert secret.read_text() == "do not touch"
     assert (store.dir / "evil.xml").is_symlink()
     # removing unlinks the link itself, never its target
@@ -209,6 +215,10 @@ def test_non_regular_file_is_refused(store: SnapshotStore) -> None:
             store.write(name, "x")
         with pytest.raises(VirtError, match="is not a regular file"):
             store.read(name)
+        with pytest.raises(VirtError, match="is not a regular file"):
+            store.key(name)
+    with pytest.raises(VirtError, match="is not a regular file"):
+        store.keys()
     with pytest.raises(VirtError) as info:
         store.remove("dir")
     assert info.value.code == ErrorCode.OPERATION_FAILED

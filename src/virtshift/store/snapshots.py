@@ -198,8 +198,37 @@ class SnapshotStore:
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def keys(self) -> dict[str, FileKeyT]:
-        """:meth:`key` of every document, by name (a file removed meanwhile is skipped)."""
-        return self._each(self.key)
+        """:meth:`key` of every document, by name (a file removed meanwhile is skipped).
+
+        One directory scan and one ``lstat`` per document (this runs on every
+        load of the tree, for 1,000 snapshots as for 10).
+
+        :raise VirtError: OPERATION_FAILED as :meth:`key`.
+        """
+        out: dict[str, FileKeyT] = {}
+        try:
+            entries = os.scandir(self.dir)
+        except FileNotFoundError:
+            return out
+        except OSError as err:
+            raise _failed(self.dir, err) from err
+        with entries:
+            for entry in entries:
+                name = _document_name(entry.name)
+                if name is None:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    raise _failed(Path(entry.path), err) from err
+                if stat.S_ISLNK(st.st_mode):
+                    raise _refused(Path(entry.path), "is a symbolic link")
+                if not stat.S_ISREG(st.st_mode):
+                    raise _refused(Path(entry.path), "is not a regular file")
+                out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        return out
 
     def read_index(self) -> dict[str, IndexEntry]:
         """The index entries by document name; {} when there is no usable index
@@ -270,17 +299,19 @@ class SnapshotStore:
             return []
         except OSError as err:
             raise _failed(self.dir, err) from err
-        out = []
-        for entry in entries:
-            if not entry.endswith(_SUFFIX) or entry.startswith("."):
-                continue
-            name = entry[: -len(_SUFFIX)]
-            try:
-                check_snapshot_name(name)
-            except VirtError:
-                continue
-            out.append(name)
-        return sorted(out)
+        return sorted(n for n in map(_document_name, entries) if n is not None)
+
+
+def _document_name(entry: str) -> str | None:
+    """The snapshot name of a directory entry, or None if it is not a document."""
+    if not entry.endswith(_SUFFIX) or entry.startswith("."):
+        return None
+    name = entry[: -len(_SUFFIX)]
+    try:
+        check_snapshot_name(name)
+    except VirtError:
+        return None
+    return name
 
 
 def _entry_from(raw: Any) -> IndexEntry | None:
