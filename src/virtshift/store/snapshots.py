@@ -206,6 +206,7 @@ class SnapshotStore:
         :raise VirtError: OPERATION_FAILED as :meth:`key`.
         """
         out: dict[str, FileKeyT] = {}
+        refuse_link(self.dir, want_dir=True)
         try:
             entries = os.scandir(self.dir)
         except FileNotFoundError:
