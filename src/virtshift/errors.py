@@ -151,7 +151,10 @@ class QMPError(VirtError):
     """A QMP command answered with an error, or the monitor went away.
 
     Users see the command name and QEMU's ``desc``; the full exchange is kept in
-    :attr:`sent` and :attr:`received` for the debug log.
+    :attr:`sent` and :attr:`received` for the debug log.  :attr:`unanswered` is
+    true when no reply came (connection lost, time-out): QEMU may or may not
+    have carried the command out, and the caller must look before it undoes
+    anything.
     """
 
     def __init__(
@@ -169,5 +172,7 @@ class QMPError(VirtError):
         self.error_class: str | None = error_class
         self.sent: dict[str, Any] | None = sent
         self.received: dict[str, Any] | None = received
+        #: True when QEMU's reply never came: the command may have run.
+        self.unanswered: bool = error_class is None and received is None
         detail = f"unable to execute QEMU command '{command}': {desc}"
         super().__init__(code, detail)

@@ -8,6 +8,7 @@ teardown, so no test leaves a process behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,56 @@ def destroy_all(conn) -> None:
         dom.destroy()
 
 
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll ``pred`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _released(pid: int) -> bool:
+    """True once ``pid`` has exited and closed its files.  A killed multi-threaded
+    process shows 'Z' for its leader while other threads still tear down and hold
+    its files (and QEMU's image locks): wait until no thread is left but a zombie."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(") ", 1)[1][0]
+        except (OSError, IndexError):
+            continue
+        if state not in "ZX":
+            return False
+    return True
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL ``pid`` (not necessarily our child) and wait until its files are closed."""
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _released(pid), f"process {pid} to die")
+
+
+def xml_chain(xml: str, target: str = "vda") -> list[str]:
+    """The files of disk ``target``'s chain in a domain XML, top first."""
+    from lxml import etree
+
+    doc = etree.fromstring(xml.encode())
+    for disk in doc.findall("devices/disk"):
+        if disk.find("target").get("dev") != target:
+            continue
+        out = [disk.find("source").get("file")]
+        bs = disk.find("backingStore")
+        while bs is not None and bs.find("source") is not None:
+            out.append(bs.find("source").get("file"))
+            bs = bs.find("backingStore")
+        return out
+    raise AssertionError(target)
+
+
 def status_pid(status: Path) -> int:
     """The QEMU pid recorded in a status file."""
     from lxml import etree
@@ -216,3 +267,51 @@ def tree_state(*dirs: Path) -> dict[str, bytes]:
             if p.is_file() and not p.is_symlink() and p.suffix != ".lock":
                 out[str(p)] = p.read_bytes()
     return out
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created); skips the test when it cannot
+    be mounted (needs root and mount(8)).  Unmounted on the way out."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(f"mounting a {size} tmpfs needs root and mount(8)")
+    path.mkdir(exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here: {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def read_only_dir(d: Path) -> Iterator[str]:
+    """No new file in ``d`` (root ignores modes): chattr +i, else a read-only bind mount.
+    Yields which of the two it used; skips the test when neither works."""
+    res = subprocess.run(["chattr", "+i", str(d)], capture_output=True, text=True, check=False)
+    if res.returncode == 0:
+        try:
+            yield "chattr +i"
+        finally:
+            subprocess.run(["chattr", "-i", str(d)], check=False)
+        return
+    why = res.stderr.strip()
+    res = subprocess.run(["mount", "--bind", str(d), str(d)], capture_output=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"neither chattr +i ({why}) nor a bind mount is possible here")
+    try:
+        res = subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(d)], capture_output=True, text=True, check=False
+        )
+        if res.returncode != 0:
+            pytest.skip(f"cannot make a read-only bind mount: {res.stderr.strip()}")
+        yield "read-only bind mount"
+    finally:
+        subprocess.run(["umount", str(d)], check=False)

@@ -14,6 +14,13 @@ ways, except that:
 * a hidden command is answered with QEMU's own CommandNotFound error, and a
   ``transaction`` containing a hidden action type likewise.
 
+With ``QMP_PROXY_CLOSE_TRIGGER=FILE`` in its environment the wrapper also
+closes a monitor connection in the middle of a command, once: when FILE exists
+and holds a command's name, the next such command goes to QEMU, FILE is
+removed, and the client connection is closed as soon as QEMU's reply comes,
+without relaying it (the fault matrix's "QMP socket closed mid-command").
+Hiding no command (an empty HIDE list) makes it only that.
+
 SIGTERM is passed to QEMU; the wrapper exits when QEMU does.
 """
 
@@ -56,7 +63,23 @@ def _hangup(sock: socket.socket) -> None:
     sock.close()
 
 
-def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
+def _armed(trigger: str | None, cmd: object) -> bool:
+    """True (once: the trigger file is removed) when ``trigger`` names ``cmd``."""
+    if trigger is None or not isinstance(cmd, str):
+        return False
+    try:
+        with open(trigger) as f:
+            wanted = f.read().strip()
+    except OSError:
+        return False
+    if wanted != cmd:
+        return False
+    with contextlib.suppress(OSError):
+        os.unlink(trigger)
+    return True
+
+
+def _serve(listener: socket.socket, real_path: str, hidden: set[str], trigger: str | None) -> None:
     while True:
         client, _ = listener.accept()
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -85,6 +108,11 @@ def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
                     return
                 buf += data
                 for msg in _messages(buf):
+                    if "event" not in msg and pending.get(str(msg.get("id"))) == "close":
+                        # QEMU has carried the command out; the client never hears it
+                        _hangup(client)
+                        _hangup(upstream)
+                        return
                     if "return" in msg and pending.pop(str(msg.get("id")), "") == "query-commands":
                         msg["return"] = [c for c in msg["return"] if c.get("name") not in hidden]
                     try:
@@ -127,6 +155,8 @@ def _serve(listener: socket.socket, real_path: str, hidden: set[str]) -> None:
                     continue
                 if cmd == "query-commands":
                     pending[str(msg.get("id"))] = cmd
+                elif _armed(trigger, cmd):
+                    pending[str(msg.get("id"))] = "close"
                 with lock:
                     upstream.sendall(json.dumps(msg).encode())
 
@@ -165,7 +195,8 @@ def main() -> int:
         time.sleep(0.01)
     for (path, real), sock in zip(proxies, listeners, strict=True):
         os.rename(path + ".proxy-tmp", path)
-        threading.Thread(target=_serve, args=(sock, real, hidden), daemon=True).start()
+        trigger = os.environ.get("QMP_PROXY_CLOSE_TRIGGER")
+        threading.Thread(target=_serve, args=(sock, real, hidden, trigger), daemon=True).start()
     return qemu.wait()
 
 

@@ -25,6 +25,7 @@ from .conftest import (
     qemu_img,
     qemu_io_read,
     tree_state,
+    xml_chain,
 )
 
 MiB = 1024 * 1024
@@ -38,17 +39,7 @@ def hmp_write(dom, pattern: int, offset: int, length: str, alias: str = "virtio-
 
 
 def chain(dom, target: str = "vda") -> list[str]:
-    doc = etree.fromstring(dom.XMLDesc(0).encode())
-    for disk in doc.findall("devices/disk"):
-        if disk.find("target").get("dev") != target:
-            continue
-        out = [disk.find("source").get("file")]
-        bs = disk.find("backingStore")
-        while bs is not None and bs.find("source") is not None:
-            out.append(bs.find("source").get("file"))
-            bs = bs.find("backingStore")
-        return out
-    raise AssertionError(target)
+    return xml_chain(dom.XMLDesc(0), target)
 
 
 def mirror_of(dom, target: str = "vda"):

@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 from virtshift.cli.main import main
 
-from .conftest import domain_xml, make_image, qemu_img, qemu_io_read
+from .conftest import domain_xml, make_image, qemu_img, qemu_io_read, small_tmpfs, xml_chain
 
 MiB = 1024 * 1024
 PIVOT = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
@@ -116,17 +115,7 @@ def qemu_only(dom, command: str):
 
 
 def chain_of(xml: str, target: str = "vda") -> list[str]:
-    doc = etree.fromstring(xml.encode())
-    for disk in doc.findall("devices/disk"):
-        if disk.find("target").get("dev") != target:
-            continue
-        out = [disk.find("source").get("file")]
-        bs = disk.find("backingStore")
-        while bs is not None and bs.find("source") is not None:
-            out.append(bs.find("source").get("file"))
-            bs = bs.find("backingStore")
-        return out
-    raise AssertionError(target)
+    return xml_chain(xml, target)
 
 
 def mirror_ready(xml: str, target: str = "vda") -> str | None:
@@ -894,27 +883,6 @@ def test_sigkill_during_pivot(uri: str, conn, root: Path, images: Path, when: st
 # -- 4. --wait reports a real failure ----------------------------------------------------
 
 
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs at ``path`` (root only); skips the test when it cannot be mounted."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a 1 MiB tmpfs needs root and mount(8)")
-    path.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
 @pytest.mark.parametrize("flags", [("--wait",), ("--wait", "--pivot")], ids=["wait", "pivot"])
 def test_wait_exits_1_when_the_copy_fails(
     capsys, uri: str, conn, root: Path, images: Path, tmp_path: Path, flags
@@ -923,7 +891,7 @@ def test_wait_exits_1_when_the_copy_fails(
     ``--wait`` says so with exit 1; the disk stays on its source."""
     disk = make_image(images / "disk.qcow2", size="32M")
     offline_write(disk, 0x91, 0, "8M")
-    with tiny_tmpfs(tmp_path / "tiny") as tiny:
+    with small_tmpfs(tmp_path / "tiny") as tiny:
         dom = conn.createXML(domain_xml("vm", [("vda", disk, "qcow2")]), 0)
         try:
             rc, out, err = run(

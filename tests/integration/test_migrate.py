@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,19 @@ import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 from virtshift.cli.main import main
 
-from .conftest import domain_xml, make_image, qemu_img, qemu_io_read, status_pid, tree_state
+from .conftest import (
+    domain_xml,
+    kill_and_wait,
+    make_image,
+    qemu_img,
+    qemu_io_read,
+    read_only_dir,
+    small_tmpfs,
+    status_pid,
+    tree_state,
+    wait_for,
+    xml_chain,
+)
 
 MiB = 1024 * 1024
 CRASH_ENV = "VIRTSHIFT_MIGRATE_CRASH_AFTER"
@@ -119,14 +131,6 @@ def crash_at(uri: str, name: str, dest: Path, step: str, *extra: str) -> str:
     return err
 
 
-def wait_for(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def under(path: str, d: Path) -> bool:
     return os.path.abspath(path).startswith(f"{d}/")
 
@@ -138,16 +142,8 @@ def disk_of(j: dict, target: str) -> dict:
 
 def kill_qemu(root: Path, name: str) -> int:
     pid = status_pid(root / "run" / "qemu" / f"{name}.xml")
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), f"QEMU {pid} to die")
+    kill_and_wait(pid)
     return pid
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except (OSError, IndexError):
-        return True
 
 
 def open_files(pid: int) -> list[str]:
@@ -201,17 +197,7 @@ class Lab:
         self.written.append((target, pattern, offset))
 
     def chain(self, target: str) -> list[str]:
-        doc = etree.fromstring(self.dom.XMLDesc(0).encode())
-        for disk in doc.findall("devices/disk"):
-            if disk.find("target").get("dev") != target:
-                continue
-            out = [disk.find("source").get("file")]
-            bs = disk.find("backingStore")
-            while bs is not None and bs.find("source") is not None:
-                out.append(bs.find("source").get("file"))
-                bs = bs.find("backingStore")
-            return out
-        raise AssertionError(target)
+        return xml_chain(self.dom.XMLDesc(0), target)
 
     def paths(self) -> list[str]:
         return [p for t in ALIAS for p in self.chain(t)]
@@ -595,16 +581,11 @@ def test_restart_and_replan_in_the_same_second(
 
 
 def test_destination_fills_up(capsys, conn, uri: str, root: Path, images: Path) -> None:
-    small = images / "small"
-    small.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a 4 MiB tmpfs here: {res.stderr.strip()}")
+    with small_tmpfs(images / "small", "4m") as small:
+        _fill_up(capsys, conn, uri, root, images, small)
+
+
+def _fill_up(capsys, conn, uri: str, root: Path, images: Path, small: Path) -> None:
     lab = None
     try:
         lab = make_lab(conn, uri, root, images, base_mib=8, dest=small)
@@ -631,9 +612,7 @@ def test_destination_fills_up(capsys, conn, uri: str, root: Path, images: Path) 
     finally:
         if lab is not None:
             with contextlib.suppress(libvirt.libvirtError):
-                lab.dom.destroy()
-        if subprocess.run(["umount", str(small)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(small)], capture_output=True, check=False)
+                lab.dom.destroy()  # before the umount: QEMU holds files there
 
 
 def _damage(path: Path, how: str) -> None:
@@ -701,38 +680,13 @@ def test_full_verify_names_the_damaged_layer(
     assert blamed.group(2) == str(lab.sd1 / "base.qcow2")
 
 
-@contextlib.contextmanager
-def _read_only_dir(d: Path) -> Iterator[str]:
-    """No new file in ``d`` (root ignores modes): chattr +i, else a read-only bind mount."""
-    res = subprocess.run(["chattr", "+i", str(d)], capture_output=True, text=True, check=False)
-    if res.returncode == 0:
-        try:
-            yield "chattr +i"
-        finally:
-            subprocess.run(["chattr", "-i", str(d)], check=False)
-        return
-    why = res.stderr.strip()
-    res = subprocess.run(["mount", "--bind", str(d), str(d)], capture_output=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"neither chattr +i ({why}) nor a bind mount is possible here")
-    try:
-        res = subprocess.run(
-            ["mount", "-o", "remount,ro,bind", str(d)], capture_output=True, text=True, check=False
-        )
-        if res.returncode != 0:
-            pytest.skip(f"cannot make a read-only bind mount: {res.stderr.strip()}")
-        yield "read-only bind mount"
-    finally:
-        subprocess.run(["umount", str(d)], check=False)
-
-
 def test_read_only_source_fails_before_any_change(
     capsys, conn, uri: str, root: Path, images: Path
 ) -> None:
     lab = make_lab(conn, uri, root, images)
     lab.write("vda", 0x31, 2 * MiB)
     lab.write("vdb", 0x41, 2 * MiB)
-    with _read_only_dir(lab.sd1):
+    with read_only_dir(lab.sd1):
         assert subprocess.run(["touch", str(lab.sd1 / "probe")], check=False).returncode != 0
         before = (lab.dom.XMLDesc(0), lab.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         files = tree_state(lab.sd1, lab.sd2)

@@ -174,6 +174,19 @@ class Monitor:
                 time.sleep(0.05)
         raise AssertionError("unreachable")
 
+    def reconnect(self) -> Monitor:
+        """Drop the connection (one that failed mid-command) and connect again.
+
+        :raise VirtError: as :meth:`connect`.
+        """
+        from qemu.qmp import QMPClient
+
+        self.close()
+        self._client = QMPClient(name=os.path.basename(self.path))
+        with self._cond:
+            self._events.clear()
+        return self.connect()
+
     async def _connect(self, sock: socket.socket) -> None:
         import asyncio
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from virtshift import faults
 from virtshift.errors import ErrorCode, QMPError, VirtError
 from virtshift.jobs.machine import apply, event_trigger
 from virtshift.jobs.reconcile import reconcile
@@ -43,7 +44,7 @@ from virtshift.ops.start import format_node, storage_node
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver
-from virtshift.store.images import read_chain
+from virtshift.store.images import read_chain, read_layer
 
 __all__ = ["BlockJobs"]
 
@@ -61,6 +62,20 @@ def _dest_chain(path: str, fmt: str) -> list[ImageLayer]:
             ErrorCode.OPERATION_INVALID,
             f"destination chain of '{path}' cannot be read: {err.detail}; refusing "
             "to pivot (QEMU would pivot onto an image without its backing data)",
+        ) from err
+
+
+def usable_image(path: str, fmt: str, what: str) -> ImageLayer:
+    """The header of a file the user hands over for reuse, opened as ``fmt``.
+
+    :raise VirtError: CONFIG_UNSUPPORTED naming ``what`` when it is not a usable
+        image of that format (no probing: SPEC's explicit-format rule).
+    """
+    try:
+        return read_layer(path, fmt)
+    except VirtError as err:
+        raise VirtError(
+            ErrorCode.CONFIG_UNSUPPORTED, f"{what} is not a usable {fmt} image: {err.detail}"
         ) from err
 
 
@@ -115,7 +130,16 @@ class BlockJobs:
             if j.job_id != job.job_id and not (j.disk == job.disk and j.state.ended)
         ]
         jobs.append(job)
-        live = _mirror_ready(domain or old.domain, job)
+        live = domain or old.domain
+        disk = live.disk(job.disk)
+        if job.state != JobState.NEW and not job.state.ended and disk is not None:
+            if disk.mirror is None:
+                # a job adopted by reconcile (its starter died or lost the monitor
+                # before recording it running) shows its <mirror> like any other
+                live = plans.with_mirror(live, job, ready=None)
+            if job.mirror is not None and job.mirror.index is not None:
+                next_index = max(next_index, job.mirror.index + 1)
+        live = _mirror_ready(live, job)
         st = dataclasses.replace(
             old, jobs=tuple(jobs), domain=live, next_index=max(old.next_index, next_index)
         )
@@ -163,6 +187,7 @@ class BlockJobs:
             elif effect == Effect.UNREGISTER:
                 if job.state == JobState.NEW:
                     self._forget(name, job)
+                    self._undo_prepare(mon, job)
                 else:
                     self._put(name, job)
             elif effect == Effect.CANCEL:
@@ -173,6 +198,22 @@ class BlockJobs:
             elif effect == Effect.NOTIFY:
                 pass  # listeners see the saved state change (see runtime/events.py)
         return job
+
+    def _undo_prepare(self, mon: Monitor, job: BlockJob) -> None:
+        """Remove the nodes and files prepared for a job QEMU never started (the
+        process that recorded it died, or lost the monitor, before the start)."""
+        for node in reversed(job.added_nodes):
+            try:
+                mon.execute("blockdev-del", {"node-name": node})
+            except QMPError as err:
+                _log.debug("blockdev-del %s: %s", node, err)
+        for path in job.created_files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                _log.warning("cannot remove '%s' of job %s: %s", path, job.job_id, err)
 
     def _top_node(self, mon: Monitor, alias: str | None) -> str | None:
         for dev in parse_query_block(mon.execute("query-block")):
@@ -274,13 +315,24 @@ class BlockJobs:
                     )
                 created.append(argv[-2] if argv[-1].isdigit() else argv[-1])
             st = self._put(name, job)  # intent first (NEW)
+            faults.point("job-recorded")
             added: list[str] = []
             try:
                 for obj in plan.add:
                     mon.execute("blockdev-add", obj)
                     added.append(str(obj["node-name"]))
                 mon.execute(plan.command, plan.arguments)
-            except VirtError:
+            except VirtError as err:
+                if isinstance(err, QMPError) and err.unanswered:
+                    # QEMU may have started the job: keep its record (NEW), its nodes
+                    # and files; the next call's reconcile adopts it, or removes them
+                    created.clear()
+                    raise VirtError(
+                        err.code,
+                        f"{err.detail}; whether QEMU started job '{job.job_id}' is not "
+                        "known yet: the next call on this domain finds out",
+                        cause=err,
+                    ) from err
                 for node in reversed(added):
                     try:
                         mon.execute("blockdev-del", {"node-name": node})
@@ -289,6 +341,7 @@ class BlockJobs:
                 job, _effects = apply(job, Trigger.START_FAILED)
                 self._forget(name, job)
                 raise
+            faults.point("job-started")
             job, _effects = apply(job, Trigger.STARTED)
             live = plans.with_mirror(st.domain, job, ready=None)
             index = job.mirror.index if job.mirror is not None else None
@@ -472,9 +525,14 @@ class BlockJobs:
             self._carry_out(name, mon, pivoting, effects, next_index=next_index)
         try:
             mon.execute("block-job-complete", {"device": job.job_id})
-        except VirtError:
+        except VirtError as err:
+            if isinstance(err, QMPError) and err.unanswered:
+                # QEMU may be pivoting: stay PIVOTING, the next call's reconcile
+                # applies whatever QEMU did
+                raise
             self._put(name, job)  # back to READY: nothing happened
             raise
+        faults.point("pivot-sent")
         ended = self._wait_end(name, mon, pivoting)
         if ended.state != JobState.COMPLETED:
             raise VirtError(
@@ -691,6 +749,8 @@ class BlockJobOps(BlockJobs):
                 ErrorCode.INVALID_ARG,
                 f"directory of block copy destination '{dest.path}' does not exist",
             )
+        if exists and not is_block and flags & plans.COPY_REUSE_EXT and dest.format is not None:
+            usable_image(dest.path, dest.format, f"block copy destination '{dest.path}'")
         d = plans.resolve_disk(st.domain, disk)
         size = None
         for dev in parse_query_block(mon.execute("query-block")):

@@ -7,7 +7,8 @@ driver::
     etc/qemu/NAME.xml                 persistent definition (inactive XML)
     run/qemu/NAME.xml                 status of a running domain (see xml/status.py)
     run/qemu/domain-NAME/             QEMU's working directory: monitor.sock,
-                                      query.sock, guest agent socket
+                                      query.sock, guest agent socket, and a
+                                      running snapshot's snapshot-intent.json
     run/lock/NAME.lock                per-domain lock (flock), run/lock/driver.lock
     log/qemu/NAME.log                 QEMU's stdout/stderr, appended per start
     lib/qemu/snapshot/NAME/           snapshot metadata (later)
@@ -285,6 +286,10 @@ class Driver:
         lock = self.lock(name, timeout)
         with lock.hold(operation):
             self._reap_stale(name)
+            if self.domain_run_dir(name).joinpath("snapshot-intent.json").exists():
+                from virtshift.runtime.snapshot import recover_intent
+
+                recover_intent(self, name)
             yield self.record(name)
 
     def _reap_stale(self, name: str) -> None:

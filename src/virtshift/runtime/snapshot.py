@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import logging
 import os
 import stat
@@ -34,12 +35,13 @@ from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from virtshift import faults
 from virtshift.errors import ErrorCode, NoDomainSnapshot, QMPError, VirtError
 from virtshift.model.domain import Domain, StorageSource
 from virtshift.model.job import JobState
-from virtshift.model.snapshot import SnapshotDef
+from virtshift.model.snapshot import SnapshotDef, SnapshotMirror
 from virtshift.model.snaptree import SnapNode, SnapshotTree
-from virtshift.model.status import DomainState
+from virtshift.model.status import DomainState, DomainStatus
 from virtshift.ops import blockjob as plans
 from virtshift.ops.blockjob import (
     COMMIT_ACTIVE,
@@ -65,6 +67,7 @@ from virtshift.qmp.agent import GuestAgent
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver
+from virtshift.store.files import remove_quietly, write_atomic
 from virtshift.store.images import read_layer
 from virtshift.store.snapshots import FileKeyT, IndexEntry, SnapshotStore
 from virtshift.xml.snapshot import (
@@ -223,15 +226,18 @@ def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monito
             agent.freeze()
             frozen = True
         if plan.use_transaction:
+            faults.point("snapshot-before-transaction")
             try:
                 mon.execute("transaction", {"actions": transaction_actions(plan)})
             except VirtError as err:
-                removed = _remove_created(plan.overlays, before)
-                _log.info("transaction failed (%s); removed %s", err, removed)
-                if isinstance(err, QMPError):
-                    check_graph_unchanged(mon, tops)
-                raise
+                if not (isinstance(err, QMPError) and err.unanswered and _ran(mon, rec, plan, err)):
+                    removed = _remove_created(plan.overlays, before)
+                    _log.info("transaction failed (%s); removed %s", err, removed)
+                    if isinstance(err, QMPError):
+                        check_graph_unchanged(mon, tops)
+                    raise
             done = list(plan.overlays)
+            faults.point("snapshot-after-transaction")
         else:
             for ov in plan.overlays:
                 args = snapshot_sync_arguments(ov, reuse=plan.reuse)
@@ -267,6 +273,34 @@ def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monito
     return live
 
 
+def _new_tops(rec: DomainRecord, plan: SnapshotPlan) -> dict[str, str]:
+    """What QEMU's graph shows per disk alias once the snapshot's transaction ran."""
+    assert rec.status is not None
+    out = {}
+    for ov in plan.overlays:
+        disk = rec.status.domain.disk(ov.target)
+        if disk is not None and disk.alias is not None:
+            out[disk.alias] = ov.new_node
+    return out
+
+
+def _ran(mon: Monitor, rec: DomainRecord, plan: SnapshotPlan, err: QMPError) -> bool:
+    """After the reply to ``transaction`` was lost: connect again and look whether
+    QEMU carried it out (True) or not (False); raise ``err`` when that cannot be told,
+    leaving every file in place (the next call finds out, see recover_intent)."""
+    try:
+        mon.reconnect()
+        now = _tops(mon)
+    except VirtError as again:
+        _log.error("transaction reply lost and the monitor is gone (%s)", again)
+        raise err from again
+    new = _new_tops(rec, plan)
+    if all(now.get(alias) == node for alias, node in new.items()):
+        _log.warning("transaction reply lost; QEMU carried it out: the snapshot stands")
+        return True
+    return False
+
+
 def check_graph_unchanged(mon: Monitor, tops: dict[str, str | None]) -> None:
     """After a failed transaction: QEMU must have rolled every disk back."""
     after = _tops(mon)
@@ -278,19 +312,124 @@ def check_graph_unchanged(mon: Monitor, tops: dict[str, str | None]) -> None:
         )
 
 
+def _after_live(
+    rec: DomainRecord, done: list[OverlayPlan] | tuple[OverlayPlan, ...]
+) -> tuple[DomainStatus, Domain | None]:
+    """The status and persistent definition once QEMU switched the disks of ``done``."""
+    assert rec.status is not None
+    live = apply_overlays(rec.status.domain, list(done))
+    used = max((ov.index for ov in done), default=rec.status.next_index - 1) + 1
+    status = dataclasses.replace(
+        rec.status, domain=live, next_index=max(used, rec.status.next_index)
+    )
+    config = config_after(rec.config, list(done)) if rec.config is not None else None
+    return status, config
+
+
 def _commit_live(
     driver: Driver, rec: DomainRecord, plan: SnapshotPlan, done: list[OverlayPlan]
 ) -> Domain:
-    assert rec.status is not None
-    live = apply_overlays(rec.status.domain, done)
-    used = max((ov.index for ov in done), default=rec.status.next_index - 1) + 1
-    driver.write_status(
-        rec.name,
-        dataclasses.replace(rec.status, domain=live, next_index=max(used, rec.status.next_index)),
-    )
-    if rec.config is not None:
-        driver.write_config(rec.name, config_after(rec.config, done))
-    return live
+    status, config = _after_live(rec, done)
+    driver.write_status(rec.name, status)
+    if config is not None:
+        driver.write_config(rec.name, config)
+    return status.domain
+
+
+# -- the intent of a snapshot, for a process that dies in the middle ----------------------
+
+
+def intent_path(driver: Driver, name: str) -> Path:
+    """Where a running snapshot's intent is kept (runtime: gone with QEMU)."""
+    return driver.domain_run_dir(name) / "snapshot-intent.json"
+
+
+def _unanswered(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, QMPError) and err.unanswered:
+            return True
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
+
+
+#: The OverlayPlan fields an intent keeps (all that apply_overlays / config_after read).
+_INTENT_FIELDS = ("target", "path", "type", "format", "node", "index", "new_node")
+
+
+def write_intent(
+    driver: Driver,
+    rec: DomainRecord,
+    plan: SnapshotPlan,
+    snapshot: str | None,
+) -> Path:
+    """Record, before QEMU is asked, what a snapshot changes: how to tell that QEMU
+    carried it out (each disk's new top node), the overlays (from which the status
+    and definition that then follow are derived again), the snapshot's metadata
+    document (None with NO_METADATA), and the files to remove if it did not."""
+    data = {
+        "new": _new_tops(rec, plan),
+        "overlays": [{f: getattr(ov, f) for f in _INTENT_FIELDS} for ov in plan.overlays],
+        "snapshot": snapshot,
+        "created": [ov.path for ov in plan.overlays if path_kind(ov.path) == PathKind.MISSING],
+    }
+    path = intent_path(driver, rec.name)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data), durable=False)  # runtime: dies with QEMU
+    return path
+
+
+def recover_intent(driver: Driver, name: str) -> None:
+    """Finish or undo a snapshot whose process died (or lost the monitor) between
+    recording its intent and recording its result (domain lock held).
+
+    QEMU's graph decides: every disk on its new overlay means the transaction ran,
+    and the status, definition and metadata recorded in the intent are written
+    (completed); otherwise the overlay files the snapshot created are removed
+    (rolled back).  Never in between.
+    """
+    path = intent_path(driver, name)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    rec = driver.record(name)
+    if rec.status is None:
+        remove_quietly(path)
+        return
+    with Monitor(rec.status.monitor).connect() as mon:
+        now = _tops(mon)
+    new: dict[str, str] = data["new"]
+    if all(now.get(alias) == node for alias, node in new.items()):
+        recorded = {d.alias: d.source.node_name for d in rec.status.domain.disks}
+        if any(recorded.get(alias) != node for alias, node in new.items()):
+            overlays = [OverlayPlan(**ov) for ov in data["overlays"]]
+            status, config = _after_live(rec, overlays)
+            driver.write_status(name, status)
+            if config is not None:
+                driver.write_config(name, config)
+        if data["snapshot"] is not None:
+            _record_recovered(driver, rec, data["snapshot"])
+        _log.warning("domain '%s': an interrupted snapshot was completed", name)
+    else:
+        for p in data["created"]:
+            if path_kind(p) == PathKind.FILE:
+                os.unlink(p)
+        _log.warning("domain '%s': an interrupted snapshot was rolled back", name)
+    remove_quietly(path)
+
+
+def _record_recovered(driver: Driver, rec: DomainRecord, text: str) -> None:
+    """Add the metadata of a snapshot whose transaction ran (as create would have)."""
+    snaps = Snapshots(driver)
+    tree, defs = snaps.load(rec.name)
+    snap = parse_snapshot(text, redefine=True, internal=True)
+    assert snap.name is not None
+    if snap.name in tree:
+        return
+    new = tree.add(_node(snap), make_current=True)
+    with snaps._changing(rec.name, "snapshot-create recovery"):
+        defs[snap.name] = snap
+        snaps._sync(rec.name, rec.definition.uuid, tree, new, defs)
 
 
 def take_offline(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Domain:
@@ -400,6 +539,8 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
                     snapshot=plan.snapshot.name,
                 )
             except VirtError as err:
+                if _unanswered(err) and _mirror_started(jobs, rec.name, mon, ov.target, err):
+                    continue
                 _log.error(
                     "mirror of disk '%s' did not start (%s): undoing the snapshot", ov.target, err
                 )
@@ -412,6 +553,21 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
     return plan.snapshot
 
 
+def _mirror_started(jobs: Any, name: str, mon: Monitor, target: str, err: VirtError) -> bool:
+    """After the reply to a mirror's start was lost: connect again and let reconcile
+    adopt the job (True: QEMU started it) or forget it and its files (False).
+    Raises ``err`` when QEMU cannot be asked."""
+    try:
+        mon.reconnect()
+        jobs.reconcile(name, mon)
+    except VirtError as again:
+        raise err from again
+    st = jobs.driver.record(name).status
+    return st is not None and any(
+        j.disk == target and not j.state.ended and j.state != JobState.NEW for j in st.jobs
+    )
+
+
 def _check_reused_mirrors(plan: SnapshotPlan, mon: Monitor, rec: DomainRecord) -> None:
     """A reused mirror must be an image of the stated format and of the disk's
     virtual size; checked before the snapshot so that a bad one changes nothing."""
@@ -420,19 +576,15 @@ def _check_reused_mirrors(plan: SnapshotPlan, mon: Monitor, rec: DomainRecord) -
         for d in parse_query_block(mon.execute("query-block"))
         if d.chain
     }
+    from virtshift.runtime.blockjob import usable_image
+
     for ov in plan.overlays:
         if ov.mirror is None:
             continue
         disk = rec.definition.disk(ov.target)
         want_fmt = ov.mirror.format or "qcow2"
-        try:
-            size = read_layer(ov.mirror.path, want_fmt).virtual_size
-        except VirtError as err:
-            raise VirtError(
-                ErrorCode.CONFIG_UNSUPPORTED,
-                f"mirror '{ov.mirror.path}' of disk '{ov.target}' is not a usable {want_fmt} "
-                f"image: {err.detail}",
-            ) from err
+        what = f"mirror '{ov.mirror.path}' of disk '{ov.target}'"
+        size = usable_image(ov.mirror.path, want_fmt, what).virtual_size
         want = sizes.get(disk.alias if disk is not None else None)
         if want is not None and size != want:
             raise VirtError(
@@ -699,13 +851,30 @@ class Snapshots:
             plan = dataclasses.replace(
                 plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
             )
-            take_snapshot(self.driver, rec, plan)
-            if plan.metadata:
-                new = tree.add(_node(plan.snapshot), make_current=True)
-                # writes the new snapshot and the old current one (no longer current)
-                with self._changing(domain, "snapshot-create"):
-                    defs[snap.name] = plan.snapshot
-                    self._sync(domain, before.uuid, tree, new, defs)
+            intent = None
+            if plan.live and plan.use_transaction:
+                # a process that dies from here on leaves this for the next call
+                text = (
+                    format_snapshot(plan.snapshot, internal=True, domain_uuid=before.uuid)
+                    if plan.metadata
+                    else None
+                )
+                intent = write_intent(self.driver, rec, plan, text)
+            try:
+                take_snapshot(self.driver, rec, plan)
+                faults.point("snapshot-before-metadata")
+                if plan.metadata:
+                    new = tree.add(_node(plan.snapshot), make_current=True)
+                    # writes the new snapshot and the old current one (no longer current)
+                    with self._changing(domain, "snapshot-create"):
+                        defs[snap.name] = plan.snapshot
+                        self._sync(domain, before.uuid, tree, new, defs)
+            except BaseException as err:
+                if intent is not None and not _unanswered(err):
+                    remove_quietly(intent)
+                raise
+            if intent is not None:
+                remove_quietly(intent)
             return plan.snapshot, plan.metadata
 
     def _redefine(self, rec: DomainRecord, xml: str, flags: int) -> SnapshotDef:
@@ -894,6 +1063,10 @@ class Snapshots:
                         ),
                         None,
                     )
+                    if job is None and _pivoted_onto(st.domain, d.name, d.mirror):
+                        # an earlier REOPEN_MIRROR pivoted this disk and then died or
+                        # lost the monitor: only the snapshot is left to drop
+                        continue
                     if job is None:
                         raise VirtError(
                             ErrorCode.OPERATION_INVALID,
@@ -911,6 +1084,15 @@ class Snapshots:
             with self._changing(domain, "snapshot-delete"):
                 self._sync(domain, rec.definition.uuid, tree, new, defs)
             return removed
+
+
+def _pivoted_onto(live: Domain, target: str, mirror: SnapshotMirror | None) -> bool:
+    """True when disk ``target`` already runs on ``mirror``'s file."""
+    disk = live.disk(target)
+    path = mirror.path if mirror is not None else None
+    return (
+        disk is not None and disk.mirror is None and path is not None and (disk.source.path == path)
+    )
 
 
 class DeleteFlags(enum.IntFlag):

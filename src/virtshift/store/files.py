@@ -113,9 +113,12 @@ def open_private(path: Path, flags: int) -> int:
         ) from err
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
+def write_atomic(path: Path, data: str | bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (mode 0600).
 
+    :param durable: fsync the file and its directory, so that the new content
+        survives a power loss; without, it survives the death of any process (the
+        page cache keeps it), which is enough for a runtime file that dies with QEMU.
     :raise VirtError: OPERATION_FAILED when the file cannot be written; the old
         content is then still in place.
     """
@@ -135,10 +138,13 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        if not durable:
+            return
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)

@@ -1,0 +1,36 @@
+"""Test-only fault points: stop the process at a named point of an operation.
+
+``VIRTSHIFT_FAULT_STOP_AT=POINT`` makes the process stop itself (SIGSTOP) when
+it reaches :func:`point` with that name.  The fault-matrix tests use it to kill
+the Python process, or QEMU, at an exact moment of an operation, and then check
+that the next call recovers.  Unset (always, outside tests) it costs one
+environment lookup.
+
+The points (where they are, what has happened by then):
+
+* ``snapshot-before-transaction``: the overlays are planned and checked, QEMU was
+  not asked yet;
+* ``snapshot-after-transaction``: QEMU switched the disks, nothing is recorded yet;
+* ``snapshot-before-metadata``: the live XML is saved, the snapshot metadata not;
+* ``job-recorded``: a block job is recorded (state new), QEMU was not asked yet;
+* ``job-started``: QEMU started the job, its running state is not recorded yet;
+* ``pivot-sent``: ``block-job-complete`` was answered, its end not yet applied.
+
+This module does nothing else: no other switch, no delay, no fault of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["ENV", "point"]
+
+#: The environment variable naming the point to stop at.
+ENV = "VIRTSHIFT_FAULT_STOP_AT"
+
+
+def point(name: str) -> None:
+    """Stop this process (SIGSTOP) if ``VIRTSHIFT_FAULT_STOP_AT`` names ``name``."""
+    if os.environ.get(ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
