@@ -169,32 +169,67 @@ def _state(dom, root: Path, images: Path, outside: Path):
     return (tree_state(root), tree_state(images), tree_state(outside), dom.XMLDesc(0))
 
 
-@pytest.mark.parametrize("dangling", [False, True])
-@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize(("dangling", "reuse"), [(False, False), (True, False), (True, True)])
 def test_overlay_path_link_is_refused(
     conn, root: Path, images: Path, outside: Path, dangling: bool, reuse: bool
 ) -> None:
+    """A new overlay is never created through a link, and a dangling link is no
+    pre-created overlay: refused, nothing changes."""
     dom, link, before = _running_with_link(conn, root, images, outside, "ov", dangling=dangling)
     xml = f"<domainsnapshot><name>s</name><disks><disk name='vda'><source file='{link}'/></disk></disks></domainsnapshot>"
     err = _error(lambda: dom.snapshotCreateXML(xml, DISK_ONLY | (REUSE if reuse else 0)))
-    assert err.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
-    assert "symbolic link" in str(err)
+    if reuse:
+        assert err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+        assert "does not exist" in str(err)
+    else:
+        assert err.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
+        assert "symbolic link" in str(err)
     assert _state(dom, root, images, outside) == before
     assert dom.snapshotNum(0) == 0
     dom.destroy()
 
 
-@pytest.mark.parametrize("dangling", [False, True])
-@pytest.mark.parametrize("reuse", [False, True])
+def test_reused_overlay_through_a_link_is_checked_and_used(
+    conn, root: Path, images: Path, outside: Path
+) -> None:
+    """REUSE_EXT follows a link to a pre-created overlay, as libvirt does and as
+    oVirt's block storage domains need (each volume is a link to its LV); the
+    target must still be an overlay of the current top."""
+    dom, link, before = _running_with_link(conn, root, images, outside, "ovr", dangling=False)
+    # a link to a file that is not an overlay of the current top: refused, nothing changes
+    stray = make_image(outside / "stray.qcow2")
+    other = images / "other.qcow2"
+    other.symlink_to(stray)
+    before = _state(dom, root, images, outside)
+    xml = f"<domainsnapshot><name>bad</name><disks><disk name='vda'><source file='{other}'/></disk></disks></domainsnapshot>"
+    err = _error(lambda: dom.snapshotCreateXML(xml, DISK_ONLY | REUSE))
+    assert err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+    assert _state(dom, root, images, outside) == before
+    # the link to a real overlay of the current top: taken, and QEMU writes the target
+    xml = f"<domainsnapshot><name>s</name><disks><disk name='vda'><source file='{link}'/></disk></disks></domainsnapshot>"
+    dom.snapshotCreateXML(xml, DISK_ONLY | REUSE)
+    assert dom.snapshotNum(0) == 1
+    assert f"<source file='{link}'" in dom.XMLDesc(0) or f'<source file="{link}"' in dom.XMLDesc(0)
+    assert link.is_symlink()
+    dom.destroy()
+
+
+@pytest.mark.parametrize(("dangling", "reuse"), [(False, False), (True, False), (True, True)])
 def test_copy_destination_link_is_refused(
     conn, root: Path, images: Path, outside: Path, dangling: bool, reuse: bool
 ) -> None:
+    """A new copy destination is never created through a link; a dangling link
+    is no pre-created destination."""
     dom, link, before = _running_with_link(conn, root, images, outside, "cp", dangling=dangling)
     dest = f"<disk type='file'><source file='{link}'/><driver type='qcow2'/></disk>"
     flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT if reuse else 0
     err = _error(lambda: dom.blockCopy("vda", dest, None, flags))
-    assert err.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
-    assert "symbolic link" in str(err)
+    if reuse:
+        assert err.get_error_code() == libvirt.VIR_ERR_INVALID_ARG
+        assert "does not exist" in str(err)
+    else:
+        assert err.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
+        assert "symbolic link" in str(err)
     err = _error(
         lambda: dom.blockRebase(
             "vda",
@@ -204,9 +239,23 @@ def test_copy_destination_link_is_refused(
             | (libvirt.VIR_DOMAIN_BLOCK_REBASE_REUSE_EXT if reuse else 0),
         )
     )
-    assert err.get_error_code() == libvirt.VIR_ERR_CONFIG_UNSUPPORTED
     assert _state(dom, root, images, outside) == before
     assert dom.blockJobInfo("vda", 0) == {}
+    dom.destroy()
+
+
+def test_reused_copy_destination_through_a_link(
+    conn, root: Path, images: Path, outside: Path
+) -> None:
+    """A pre-created copy destination reached through a link is used (the link
+    stays a link); without REUSE_EXT the same link is refused."""
+    dom, link, _ = _running_with_link(conn, root, images, outside, "cpr", dangling=False)
+    dest = f"<disk type='file'><source file='{link}'/><driver type='qcow2'/></disk>"
+    dom.blockCopy("vda", dest, None, libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+    assert dom.blockJobInfo("vda", 0) != {}
+    dom.blockJobAbort("vda", 0)
+    assert link.is_symlink()
+    assert (outside / "existing.qcow2").is_file()
     dom.destroy()
 
 

@@ -436,8 +436,8 @@ def check_paths(
         if kind == PathKind.SYMLINK:
             raise VirtError(
                 ErrorCode.CONFIG_UNSUPPORTED,
-                f"snapshot overlay '{ov.path}' for disk '{ov.target}' is a symbolic link; "
-                "give the real path",
+                f"external snapshot file for disk {ov.target} already exists (a symbolic "
+                f"link): {ov.path}",
             )
         if plan.reuse:
             if kind == PathKind.MISSING:

@@ -723,14 +723,21 @@ class BlockJobOps(BlockJobs):
             raise VirtError(
                 ErrorCode.INVALID_ARG, "absolute path must be used as block copy target"
             )
+        reuse = bool(flags & plans.COPY_REUSE_EXT)
         try:
             mode = os.lstat(dest.path).st_mode
-            exists, is_block = True, stat_mod.S_ISBLK(mode)
             if stat_mod.S_ISLNK(mode):
-                raise VirtError(
-                    ErrorCode.CONFIG_UNSUPPORTED,
-                    f"block copy destination '{dest.path}' is a symbolic link; give the real path",
-                )
+                if not reuse:
+                    raise VirtError(
+                        ErrorCode.CONFIG_UNSUPPORTED,
+                        f"block copy destination '{dest.path}' already exists (a symbolic "
+                        "link); a new destination must be a new file",
+                    )
+                # A pre-created destination reached through a link (oVirt's block
+                # storage domains link each volume to its LV): the target is what
+                # is checked below and what QEMU opens.
+                mode = os.stat(dest.path).st_mode
+            exists, is_block = True, stat_mod.S_ISBLK(mode)
             if not (is_block or stat_mod.S_ISREG(mode)):
                 raise VirtError(
                     ErrorCode.CONFIG_UNSUPPORTED,
@@ -749,7 +756,7 @@ class BlockJobOps(BlockJobs):
                 ErrorCode.INVALID_ARG,
                 f"directory of block copy destination '{dest.path}' does not exist",
             )
-        if exists and not is_block and flags & plans.COPY_REUSE_EXT and dest.format is not None:
+        if exists and not is_block and reuse and dest.format is not None:
             usable_image(dest.path, dest.format, f"block copy destination '{dest.path}'")
         d = plans.resolve_disk(st.domain, disk)
         size = None

@@ -83,10 +83,13 @@ __all__ = ["DeleteFlags", "Snapshots", "path_kind", "take_snapshot"]
 _log = logging.getLogger("virtshift.snapshot")
 
 
-def path_kind(path: str) -> PathKind:
-    """What is at ``path``, without following a symlink."""
+def path_kind(path: str, *, follow: bool = False) -> PathKind:
+    """What is at ``path``; a symlink is ``SYMLINK`` unless ``follow``, when it
+    is what the link leads to (``MISSING`` for a dangling link)."""
     try:
         st = os.lstat(path)
+        if follow and stat.S_ISLNK(st.st_mode):
+            st = os.stat(path)
     except FileNotFoundError:
         return PathKind.MISSING
     except NotADirectoryError:
@@ -117,7 +120,10 @@ def preflight(plan: SnapshotPlan, domain: Domain) -> dict[str, PathKind]:
     paths = [ov.path for ov in plan.overlays] + [
         ov.mirror.path for ov in plan.overlays if ov.mirror is not None
     ]
-    kinds = {p: path_kind(p) for p in paths}
+    # A pre-created (REUSE_EXT) overlay may be reached through a link, as oVirt's
+    # block storage domains link each volume to its LV: its target is checked.
+    # A new overlay is never created through a link.
+    kinds = {p: path_kind(p, follow=plan.reuse) for p in paths}
     dirs = {p: os.path.isdir(os.path.dirname(p)) for p in paths}
     check_paths(plan, kinds, dirs)
     if plan.reuse:
