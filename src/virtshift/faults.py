@@ -14,7 +14,11 @@ The points (where they are, what has happened by then):
 * ``snapshot-before-metadata``: the live XML is saved, the snapshot metadata not;
 * ``job-recorded``: a block job is recorded (state new), QEMU was not asked yet;
 * ``job-started``: QEMU started the job, its running state is not recorded yet;
-* ``pivot-sent``: ``block-job-complete`` was answered, its end not yet applied.
+* ``pivot-sent``: ``block-job-complete`` was answered, its end not yet applied;
+* ``job-pending``: a pull or commit waits at QEMU's ``pending``; its node is
+  not flushed and ``job-finalize`` not sent yet;
+* ``job-finalized``: ``job-finalize`` was answered (QEMU rewrote the backing
+  file name above), the end is not applied yet.
 
 This module does nothing else: no other switch, no delay, no fault of its own.
 """

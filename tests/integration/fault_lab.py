@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,6 +388,11 @@ def run_op(op: str, ctx: dict[str, Any]) -> None:
             dom.blockRebase("vda", f"{ctx['sd1']}/base.qcow2", 0, 0)
         elif op == "commit":
             dom.blockCommit("vda", f"{ctx['sd1']}/base.qcow2", f"{ctx['sd1']}/mid.qcow2", 0, 0)
+        elif op == "wait-job":
+            # what a libvirt program does after blockRebase/blockCommit: poll until
+            # the job is gone (the call that sees it pending flushes and finalizes it)
+            while dom.blockJobInfo("vda", 0):
+                time.sleep(0.05)
         elif op == "active-commit":
             dom.blockCommit(
                 "vda", f"{ctx['sd1']}/mid.qcow2", None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE

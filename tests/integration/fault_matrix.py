@@ -50,9 +50,7 @@ COMPLETED = "completed"
 RECOVERED = "recovered at next call"
 RESUME = "resume/abort"
 NA = "n/a"
-#: data the operation moved can be lost; the reason is outside virtshift's reach today
-KNOWN_GAP = "moved data can be lost (QEMU 7.2)"
-OUTCOMES = (REFUSED, ROLLED_BACK, COMPLETED, RECOVERED, RESUME, NA, KNOWN_GAP)
+OUTCOMES = (REFUSED, ROLLED_BACK, COMPLETED, RECOVERED, RESUME, NA)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -420,8 +418,8 @@ CELLS: tuple[Cell, ...] = (
     _c(
         "stream",
         "qemu-killed",
-        KNOWN_GAP,
-        "killed right after the job completed in QEMU: QEMU 7.2 rewrote the backing name before the clusters it copied into vda were flushed, so they can be lost (here: every time); the definition is as before, every guest write reads back, the domain starts again",
+        RECOVERED,
+        "killed right after job-finalize (QEMU 7.2 rewrote vda's backing name): the call that finalized flushed vda first, so the data the stream moved reads back with every guest write; definition as before, the domain starts again",
         run=True,
     ),
     _c(
@@ -458,8 +456,8 @@ CELLS: tuple[Cell, ...] = (
     _c(
         "commit",
         "qemu-killed",
-        KNOWN_GAP,
-        "killed right after the job completed in QEMU: the clusters committed into base can be lost the same way (here: some runs); the definition is as before, every guest write reads back, the domain starts again",
+        RECOVERED,
+        "killed right after job-finalize (QEMU 7.2 dropped mid from vda's backing name): base was flushed first, so the committed data reads back with every guest write; definition as before, the domain starts again",
         run=True,
         long=True,
     ),
@@ -744,7 +742,6 @@ def render_table() -> str:
         RECOVERED: "recovered",
         RESUME: "resume/abort",
         NA: "n/a",
-        KNOWN_GAP: "**gap** (QEMU)",
     }
     head = "| operation | " + " | ".join(f for f, _ in FAULTS) + " |"
     rows = [head, "|" + "---|" * (len(FAULTS) + 1)]

@@ -67,6 +67,13 @@ def expected(jt: JobType, s: JobState, t: Trigger) -> Any:
         if s == S.RUNNING:
             return (S.READY, [E.SAVE, E.NOTIFY])
         return (s, []) if s in (S.READY, S.PIVOTING, S.ABORTING, S.BROKEN) else ILLEGAL
+    if t == T.FINALIZABLE:
+        # a pull or commit at QEMU's pending: flushed and finalized when live
+        if two:
+            return ILLEGAL
+        if s in (S.RUNNING, S.ABORTING, S.BROKEN):
+            return (s, [E.FINALIZE])
+        return (s, []) if s in ENDED else ILLEGAL
     if s == S.NEW:
         return {
             T.STARTED: (S.RUNNING, [E.SAVE]),
@@ -409,9 +416,7 @@ def test_reconcile_ready(status: str) -> None:
         assert reconcile([job], [q(JOB, status)]) == []
 
 
-@pytest.mark.parametrize(
-    "status", ["created", "running", "paused", "waiting", "pending", "aborting"]
-)
+@pytest.mark.parametrize("status", ["created", "running", "paused", "waiting", "aborting"])
 def test_reconcile_still_going_refreshes_progress(status: str) -> None:
     job = make_job(JobType.PULL, S.RUNNING, job_id="pull-vda-libvirt-3-format")
     got = one(job, [q(job.job_id, status, "stream", cur=512, end=4096)])
@@ -421,6 +426,50 @@ def test_reconcile_still_going_refreshes_progress(status: str) -> None:
     assert reconcile([same], [q(job.job_id, status, "stream", cur=512, end=4096)]) == []
     # bad progress numbers keep the old ones
     assert reconcile([same], [q(job.job_id, status, "stream", cur="x", end=-1)]) == []
+
+
+@pytest.mark.parametrize(
+    ("jt", "qtype", "state"),
+    [
+        (JobType.PULL, "stream", S.RUNNING),
+        (JobType.COMMIT, "commit", S.RUNNING),
+        (JobType.PULL, "stream", S.ABORTING),  # its cancel was never sent
+        (JobType.COMMIT, "commit", S.ABORTING),
+        (JobType.PULL, "stream", S.BROKEN),  # its cancel does nothing at pending
+    ],
+)
+def test_reconcile_pending_pull_or_commit_is_finalized(
+    jt: JobType, qtype: str, state: JobState
+) -> None:
+    job = make_job(jt, state, job_id=f"{jt}-vda-libvirt-3-format")
+    reply = [q(job.job_id, "pending", qtype, cur=4096, end=4096)]
+    got = reconcile([job], reply)
+    assert got == [(dataclasses.replace(job, cur=4096, end=4096), [E.FINALIZE])]
+    # not idempotent on purpose: while QEMU still holds it at pending (the flush
+    # failed, or the process died before job-finalize), every call tries again
+    assert reconcile(settle([job], got), reply) == got
+    # a job the process started and never saw running is adopted, then finalized
+    new = dataclasses.replace(job, state=S.NEW)
+    got = reconcile([new], reply)
+    assert [(j.state, e) for j, e in got] == [(S.RUNNING, [E.SAVE, E.FINALIZE])]
+    # once finalized, QEMU says concluded: the end is applied
+    done = reconcile([job], [q(job.job_id, "concluded", qtype)])
+    ended = (S.FAILED, DROPPED) if state == S.BROKEN else (S.COMPLETED, DONE)
+    assert [(j.state, e) for j, e in done] == [ended]
+
+
+@pytest.mark.parametrize(
+    ("jt", "qtype", "state"),
+    [
+        (JobType.COPY, "mirror", S.RUNNING),  # mirror and active commit auto-finalize:
+        (JobType.COPY, "mirror", S.PIVOTING),  # their pending is a passing state
+        (JobType.ACTIVE_COMMIT, "commit", S.PIVOTING),
+        (JobType.PULL, "stream", S.COMPLETED),
+    ],
+)
+def test_reconcile_pending_without_finalize(jt: JobType, qtype: str, state: JobState) -> None:
+    job = make_job(jt, state, job_id=f"{jt}-vda-libvirt-3-format", cur=10, end=10)
+    assert reconcile([job], [q(job.job_id, "pending", qtype)]) == []
 
 
 def test_reconcile_new_known_to_qemu() -> None:
@@ -812,3 +861,43 @@ def test_status_bad_job_is_refused(bad: str) -> None:
     with pytest.raises(VirtError) as exc:
         parse_status(text)
     assert exc.value.code == ErrorCode.INTERNAL_ERROR
+
+
+# --------------------------------------------------------------------------
+# Start commands: who finalizes
+
+
+def _three_layers() -> Domain:
+    base = layer(1, "/i/base.qcow2", format="qcow2", backing_end=True)
+    mid = layer(2, "/i/mid.qcow2", format="qcow2", backing=base)
+    top = layer(3, "/i/top.qcow2", format="qcow2", backing=mid)
+    return dataclasses.replace(
+        base_status().domain,
+        disks=(
+            Disk(target="vda", bus="virtio", driver_name="qemu", source=top, alias="virtio-disk0"),
+        ),
+    )
+
+
+def test_pull_and_commit_wait_for_finalize_active_commit_does_not() -> None:
+    """A stream and a non-active commit stop at QEMU's pending so that the node they
+    wrote is flushed before the backing name above is rewritten; an active commit
+    keeps QEMU's finalize (its end is the pivot)."""
+    from virtshift.ops import blockjob as plans
+
+    dom = _three_layers()
+    common: dict[str, Any] = {"bandwidth": 0, "flags": 0, "jobs": (), "now": 0.0}
+    pull = plans.plan_pull(dom, "vda", "/i/base.qcow2", **common)
+    assert (pull.command, pull.arguments["device"]) == ("block-stream", "libvirt-3-format")
+    assert pull.arguments["auto-finalize"] is False
+    assert pull.arguments["auto-dismiss"] is False
+    commit = plans.plan_commit(dom, "vda", "/i/base.qcow2", "/i/mid.qcow2", **common)
+    assert commit.command == "block-commit"
+    assert commit.arguments["base-node"] == "libvirt-1-format"
+    assert commit.arguments["auto-finalize"] is False
+    active = plans.plan_commit(
+        dom, "vda", "/i/base.qcow2", None, **{**common, "flags": plans.COMMIT_ACTIVE}
+    )
+    assert active.job.type == JobType.ACTIVE_COMMIT
+    assert "auto-finalize" not in active.arguments
+    assert active.arguments["auto-dismiss"] is False

@@ -26,6 +26,9 @@ The table in short (``*`` = RUNNING, READY, PIVOTING, ABORTING)::
     RUNNING   READY            -> READY      SAVE NOTIFY           (copy, active commit)
     READY     PIVOT            -> PIVOTING   SAVE
     RUNNING   ABORT            -> ABORTING   SAVE
+    RUNNING   FINALIZABLE      -> RUNNING    FINALIZE              (pull, commit)
+    ABORTING  FINALIZABLE      -> ABORTING   FINALIZE              (pull, commit)
+    BROKEN    FINALIZABLE      -> BROKEN     FINALIZE              (pull, commit)
     READY     ABORT            -> ABORTING   SAVE
     RUNNING   CONCLUDED        -> COMPLETED  APPLY_RESULT DISMISS UNREGISTER NOTIFY  (pull, commit)
     READY     CONCLUDED        -> COMPLETED  APPLY_RESULT DISMISS UNREGISTER NOTIFY  (ambiguous)
@@ -41,11 +44,14 @@ The table in short (``*`` = RUNNING, READY, PIVOTING, ABORTING)::
     stale (same state, no effect): READY on READY, PIVOTING, ABORTING, BROKEN;
                                    UNKNOWN on BROKEN
     ended     CONCLUDED, CONCLUDED_ERROR, CANCELLED -> same, DISMISS
-    ended     VANISHED, UNKNOWN                     -> same, no effect
+    ended     VANISHED, UNKNOWN, FINALIZABLE        -> same, no effect
 
-Job types matter in three places, listed next to the table:
+Job types matter in four places, listed next to the table:
 :data:`TWO_PHASE_TRIGGERS` (READY and PIVOT only exist for copy and active
-commit), :data:`ONE_PHASE_ONLY` (only pull and commit finish by themselves
+commit), :data:`ONE_PHASE_TRIGGERS` (FINALIZABLE only exists for pull and
+commit: they start with ``auto-finalize: false`` and wait at QEMU's
+``pending`` until the node they wrote is flushed and ``job-finalize`` is
+sent), :data:`ONE_PHASE_ONLY` (only pull and commit finish by themselves
 from RUNNING) and :data:`ONE_PHASE_OVERRIDES` (a pull or commit that
 concludes without error while being aborted had finished first: its result
 is applied).  A PIVOT on a copy or active commit that is not READY yet raises
@@ -84,6 +90,7 @@ __all__ = [
     "END_TRIGGERS",
     "ONE_PHASE_ONLY",
     "ONE_PHASE_OVERRIDES",
+    "ONE_PHASE_TRIGGERS",
     "TRANSITIONS",
     "TWO_PHASE_TRIGGERS",
     "VANISHED_ERROR",
@@ -129,6 +136,13 @@ def _table() -> dict[tuple[JobState, Trigger], TransitionT]:
         # Our own commands.
         (_S.READY, _T.PIVOT): (_S.PIVOTING, _SAVED),
         (_S.RUNNING, _T.ABORT): (_S.ABORTING, _SAVED),
+        # A pull or commit waits at QEMU's pending (ONE_PHASE_TRIGGERS).  QEMU 7.2
+        # ignores a cancel there (the job has left its coroutine), so an ABORTING
+        # one finished first: it is finalized too and ONE_PHASE_OVERRIDES applies
+        # its result; a BROKEN one is finalized to end it (it then FAILED).
+        (_S.RUNNING, _T.FINALIZABLE): (_S.RUNNING, (_E.FINALIZE,)),
+        (_S.ABORTING, _T.FINALIZABLE): (_S.ABORTING, (_E.FINALIZE,)),
+        (_S.BROKEN, _T.FINALIZABLE): (_S.BROKEN, (_E.FINALIZE,)),
         (_S.READY, _T.ABORT): (_S.ABORTING, _SAVED),
         # Successful ends.  RUNNING + CONCLUDED is for pull/commit only
         # (ONE_PHASE_ONLY); READY + CONCLUDED is the ambiguous row (see above).
@@ -162,6 +176,7 @@ def _table() -> dict[tuple[JobState, Trigger], TransitionT]:
         t[(state, _T.CANCELLED)] = (state, (_E.DISMISS,))
         t[(state, _T.VANISHED)] = (state, ())
         t[(state, _T.UNKNOWN)] = (state, ())
+        t[(state, _T.FINALIZABLE)] = (state, ())
     return t
 
 
@@ -173,6 +188,9 @@ TRANSITIONS: Final[Mapping[tuple[JobState, Trigger], tuple[JobState, tuple[Effec
 
 #: Triggers that exist only for copy and active commit (two-phase jobs).
 TWO_PHASE_TRIGGERS: Final[frozenset[Trigger]] = frozenset({_T.READY, _T.PIVOT})
+
+#: Triggers that exist only for pull and commit (one-phase jobs).
+ONE_PHASE_TRIGGERS: Final[frozenset[Trigger]] = frozenset({_T.FINALIZABLE})
 
 #: Rows that hold only for pull and commit: they finish without READY.
 ONE_PHASE_ONLY: Final[frozenset[tuple[JobState, Trigger]]] = frozenset({(_S.RUNNING, _T.CONCLUDED)})
@@ -243,7 +261,7 @@ def _lookup(job: BlockJob, trigger: Trigger) -> TransitionT:
     if job.type.two_phase:
         if trigger == _T.PIVOT and job.state in (_S.NEW, _S.RUNNING):
             raise NotReadyForPivot(job)
-        if key in ONE_PHASE_ONLY:
+        if key in ONE_PHASE_ONLY or trigger in ONE_PHASE_TRIGGERS:
             raise IllegalTransition(job, trigger)
     else:
         if trigger in TWO_PHASE_TRIGGERS:

@@ -12,6 +12,7 @@ QEMU says                                   recorded job
 nothing about the job id                    VANISHED (a NEW job: unregistered only)
 ``created running paused waiting pending    no change; ``cur`` / ``end`` refreshed
 aborting``
+``pending`` of a pull or commit             FINALIZABLE: flush, then ``job-finalize``
 ``ready`` / ``standby``                     READY if it was RUNNING, else nothing (stale)
 ``concluded`` without ``error``             CONCLUDED (a RUNNING copy passes READY first)
 ``concluded``, ``error`` is                 CANCELLED: QEMU's text for a cancelled job
@@ -35,8 +36,10 @@ QEMU's status; only when QEMU has already forgotten the job does it say how
 the job ended (better than "vanished"; without DISMISS then).
 
 Idempotent: applying the result and reconciling again with the same reply
-returns nothing.  A job is returned only when its state, error, progress or
-``pending`` changed, or when there are effects; a stale trigger gives no SAVE.
+returns nothing, except for FINALIZE: a pull or commit that QEMU still holds
+at ``pending`` gets it again on every call until QEMU leaves ``pending``.
+A job is returned only when its state, error, progress or ``pending``
+changed, or when there are effects; a stale trigger gives no SAVE.
 
 Pure: no QMP, no files, no clock.  It does not look at the block graph (the
 runtime does before APPLY_RESULT) and ignores jobs it did not record; see
@@ -52,7 +55,7 @@ from typing import Any, Final
 from virtshift.jobs.machine import END_TRIGGERS, IllegalTransition, apply, apply_chain
 from virtshift.model.job import BlockJob, Effect, JobState, JobType, Trigger
 
-__all__ = ["foreign_jobs", "reconcile"]
+__all__ = ["awaits_finalize", "foreign_jobs", "reconcile"]
 
 #: QEMU's ``error`` for a job that was cancelled (``strerror(ECANCELED)``).
 CANCELED_ERROR: Final = "Operation canceled"
@@ -63,6 +66,15 @@ _READY: Final = frozenset({"ready", "standby"})
 _STATUSES: Final = _GOING | _READY | {"concluded", "null"}
 
 _StepT = tuple[Trigger, str | None]
+
+
+def awaits_finalize(job: BlockJob, status: Any) -> bool:
+    """True when QEMU holds ``job`` (a pull or commit) at ``pending``: it did
+    its work and waits for the flush and ``job-finalize`` of a locked call.
+
+    Pollers that take no lock use it to know that taking the lock is due.
+    """
+    return status == "pending" and not job.type.two_phase and not job.state.ended
 
 
 def _index(query_jobs: Any) -> tuple[dict[str, Mapping[str, Any] | None], bool]:
@@ -122,6 +134,8 @@ def _steps(job: BlockJob, status: str, error: str | None) -> list[_StepT]:
     if status in _READY:
         if state == JobState.RUNNING:
             steps.append((Trigger.READY, None))
+    elif status == "pending" and not job.type.two_phase:
+        steps.append((Trigger.FINALIZABLE, None))
     elif status == "concluded":
         if error is None:
             trigger = Trigger.CONCLUDED

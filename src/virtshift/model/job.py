@@ -91,6 +91,9 @@ class Trigger(enum.StrEnum):
     CONCLUDED_ERROR = "concluded-error"
     #: BLOCK_JOB_CANCELLED (a cancel before READY, or a forced one).
     CANCELLED = "cancelled"
+    #: A pull or commit finished its work and waits at QEMU's ``pending`` for
+    #: ``job-finalize`` (they start with ``auto-finalize: false``).
+    FINALIZABLE = "finalizable"
     #: QEMU no longer knows the job (restarted QEMU, dismissed by someone else).
     VANISHED = "vanished"
     #: A recorded job whose QEMU state cannot be parsed.
@@ -114,6 +117,10 @@ class Effect(enum.StrEnum):
     #: ended one stays in the status file as its disk's last job, so a process
     #: that waited on it learns how it ended, until the disk's next job replaces it.
     UNREGISTER = "unregister"
+    #: Flush the node the pull or commit wrote (its top or base), then send
+    #: ``job-finalize``: QEMU 7.2 rewrites the backing file name of the image
+    #: above in the finalize phase without flushing first (QEMU-NOTES).
+    FINALIZE = "finalize"
     #: Send ``block-job-cancel`` with ``force`` (a BROKEN job).
     CANCEL = "cancel"
     #: Tell event listeners how the job ended (or that it is ready).

@@ -205,7 +205,14 @@ def plan_pull(
         flags=flags,
         created=now,
     )
-    args: dict[str, Any] = {"job-id": job.job_id, "device": node, "auto-dismiss": False}
+    # auto-finalize off: the top is flushed before QEMU rewrites its backing name
+    # (runtime/blockjob.py, Effect.FINALIZE)
+    args: dict[str, Any] = {
+        "job-id": job.job_id,
+        "device": node,
+        "auto-dismiss": False,
+        "auto-finalize": False,
+    }
     if base_layer is not None:
         args["base-node"] = _node(base_layer)
         assert base_layer.path is not None
@@ -299,6 +306,10 @@ def plan_commit(
     if not is_active:
         assert base_layer.path is not None
         args["backing-file"] = base_layer.path
+        # the base is flushed before QEMU drops the merged layers from the image
+        # above (runtime/blockjob.py, Effect.FINALIZE); an active commit pivots
+        # with block-job-complete and keeps QEMU's default
+        args["auto-finalize"] = False
     if speed:
         args["speed"] = speed
     return StartPlan(job=job, command="block-commit", arguments=args)

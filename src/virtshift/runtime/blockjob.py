@@ -15,6 +15,13 @@ sizes equal) before it is attached and ``block-job-complete`` is sent, and
 after the job ends the disk's real top node is read back from ``query-block``
 before the XML is rewritten (QEMU-NOTES traps 3 and 4).
 
+A pull or commit starts with ``auto-finalize: false``: when it has done its
+work QEMU holds it at ``pending``, and the locked call that sees that (the
+reconcile of any call, or the process waiting for the job) flushes the node
+the job wrote and only then sends ``job-finalize``.  QEMU 7.2 rewrites the
+backing file name of the image above while finalizing, without flushing the
+clusters the job copied first; a QEMU killed right after that lost them.
+
 The waiter of ``--wait`` polls through the second (query) monitor and takes
 no lock while it waits, so other processes can pivot, abort or change speed.
 """
@@ -33,7 +40,7 @@ from typing import Any
 from virtshift import faults
 from virtshift.errors import ErrorCode, QMPError, VirtError
 from virtshift.jobs.machine import apply, event_trigger
-from virtshift.jobs.reconcile import reconcile
+from virtshift.jobs.reconcile import awaits_finalize, reconcile
 from virtshift.model.domain import StorageSource
 from virtshift.model.image import ImageLayer
 from virtshift.model.job import BlockJob, Effect, JobState, JobType, Trigger
@@ -155,13 +162,21 @@ class BlockJobs:
     # -- reconcile + effects -------------------------------------------------------------
 
     def reconcile(self, name: str, mon: Monitor) -> None:
-        """Bring recorded jobs up to date with QEMU (domain lock held)."""
-        st = self._status(name)
-        if not any(not j.state.ended for j in st.jobs):
-            return
-        reply = mon.execute("query-jobs")
-        for job, effects in reconcile(st.jobs, reply):
-            self._carry_out(name, mon, job, effects)
+        """Bring recorded jobs up to date with QEMU (domain lock held).
+
+        A pull or commit found at ``pending`` is flushed and finalized, and
+        QEMU is asked again, so that its end is applied by the same call."""
+        for _round in range(3):
+            st = self._status(name)
+            if not any(not j.state.ended for j in st.jobs):
+                return
+            reply = mon.execute("query-jobs")
+            finalized = False
+            for job, effects in reconcile(st.jobs, reply):
+                self._carry_out(name, mon, job, effects)
+                finalized |= Effect.FINALIZE in effects
+            if not finalized:
+                return
 
     def _carry_out(
         self,
@@ -190,6 +205,8 @@ class BlockJobs:
                     self._undo_prepare(mon, job)
                 else:
                     self._put(name, job)
+            elif effect == Effect.FINALIZE:
+                self._finalize(mon, job)
             elif effect == Effect.CANCEL:
                 try:
                     mon.execute("block-job-cancel", {"device": job.job_id, "force": True})
@@ -198,6 +215,36 @@ class BlockJobs:
             elif effect == Effect.NOTIFY:
                 pass  # listeners see the saved state change (see runtime/events.py)
         return job
+
+    def _finalize(self, mon: Monitor, job: BlockJob) -> None:
+        """Flush the node a pull (its top) or commit (its base) wrote, then let
+        QEMU finalize the job, which rewrites the backing file name above.
+
+        QMP 7.2 has no flush command; HMP ``qemu-io NODE "flush"`` flushes the
+        node and, through the children it may write, its file (``bdrv_flush``:
+        the qcow2 L2 and refcount caches, then fdatasync).  When the flush
+        fails the job stays pending: QEMU's header is left alone, both layers
+        keep the data, and the next locked call tries again."""
+        node = (
+            format_node(job.base)
+            if job.type == JobType.COMMIT and job.base is not None
+            else job.node
+        )
+        faults.point("job-pending")
+        try:
+            out = mon.execute("human-monitor-command", {"command-line": f'qemu-io {node} "flush"'})
+        except QMPError as err:
+            _log.warning("cannot flush %s before finalizing %s: %s", node, job.job_id, err)
+            return
+        if not isinstance(out, str) or out.strip():
+            _log.warning("cannot flush %s before finalizing %s: %s", node, job.job_id, out)
+            return
+        try:
+            mon.execute("job-finalize", {"id": job.job_id})
+        except QMPError as err:  # finalized meanwhile, or ended otherwise
+            _log.debug("job-finalize %s: %s", job.job_id, err)
+            return
+        faults.point("job-finalized")
 
     def _undo_prepare(self, mon: Monitor, job: BlockJob) -> None:
         """Remove the nodes and files prepared for a job QEMU never started (the
@@ -378,11 +425,12 @@ class BlockJobs:
                 return self._carry_out(name, mon, job, effects)
             # the event may have come before we connected: ask QEMU
             for j in mon.execute("query-jobs"):
-                if (
-                    isinstance(j, dict)
-                    and j.get("id") == job.job_id
-                    and j.get("status") == "concluded"
-                ):
+                if not isinstance(j, dict) or j.get("id") != job.job_id:
+                    continue
+                if awaits_finalize(job, j.get("status")):
+                    job, effects = apply(job, Trigger.FINALIZABLE)
+                    job = self._carry_out(name, mon, job, effects)
+                elif j.get("status") == "concluded":
                     trigger = Trigger.CONCLUDED_ERROR if j.get("error") else Trigger.CONCLUDED
                     if job.state == JobState.ABORTING and j.get("error") == "Operation canceled":
                         trigger = Trigger.CANCELLED
@@ -613,6 +661,8 @@ class BlockJobs:
                 status = q.get("status")
                 if status == "concluded" or (status == "ready" and job.state == JobState.RUNNING):
                     concluded = True
+                if awaits_finalize(job, status):
+                    concluded = True  # the locked call flushes and finalizes it
             if concluded:
                 with self.driver.monitor(name, "block job update"):
                     pass  # opening it under the lock reconciles (Driver.on_monitor)
@@ -822,6 +872,13 @@ class BlockJobOps(BlockJobs):
             q
             for q in qjobs
             if q.get("status") == "concluded"
+            or (
+                q.get("status") == "pending"
+                and any(
+                    j.job_id == q.get("device") and awaits_finalize(j, "pending")
+                    for j in rec.status.jobs
+                )
+            )
             or (
                 q.get("ready")
                 and any(

@@ -26,6 +26,7 @@ from typing import Any
 
 from virtshift.errors import VirtError
 from virtshift.jobs.machine import libvirt_event_status
+from virtshift.jobs.reconcile import awaits_finalize
 from virtshift.model.job import JobState
 
 __all__ = ["EventLoop", "default_loop"]
@@ -109,6 +110,7 @@ class EventLoop:
                 stale = any(
                     (q := qjobs.get(j.job_id)) is None
                     or q.get("status") == "concluded"
+                    or awaits_finalize(j, q.get("status"))
                     or (q.get("status") == "ready" and j.state == JobState.RUNNING)
                     for j in live
                 )
