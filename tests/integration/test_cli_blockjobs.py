@@ -795,13 +795,17 @@ def test_pull_that_ended_unwatched_is_finalized_by_the_next_locked_call(
     assert recorded_jobs(root) == [("pull", "running")]
     (job,) = qmp(dom, "query-jobs")
     assert job["status"] == "running"
-    # QMP pass-through: unthrottle, let QEMU finish while nobody reconciles
+    # QMP pass-through: unthrottle, let QEMU finish while nobody reconciles; it
+    # holds the finished pull at pending (auto-finalize off) and has not rewritten
+    # top's backing file name: that waits for the flush of the next locked call
     assert qmp(dom, "block-job-set-speed", device=job["id"], speed=0) == {}
     wait_until(
-        "QEMU to conclude the pull",
-        lambda: [j["status"] for j in qemu_only(dom, "query-jobs")] == ["concluded"],
+        "QEMU to finish the pull",
+        lambda: [j["status"] for j in qemu_only(dom, "query-jobs")] == ["pending"],
     )
     assert recorded_jobs(root) == [("pull", "running")]  # nobody has applied it yet
+    info = qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(top))
+    assert json.loads(info)["backing-filename"] == str(base)
 
     c2 = libvirt.open(uri)
     d2 = c2.lookupByName("vm")
