@@ -771,10 +771,21 @@ def _finalize_by_suspend_resume(d2) -> None:
     d2.resume()
 
 
+def _finalize_by_abort_too_late(d2) -> None:
+    """A cancel of a pull QEMU has finished comes too late: the call applies the
+    end first (flush, finalize: the pull completes), then finds no job to cancel,
+    with libvirt's code and message for an abort that lost the race."""
+    with pytest.raises(libvirt.libvirtError) as info:
+        d2.blockJobAbort("vda", 0)
+    assert info.value.get_error_code() == libvirt.VIR_ERR_INVALID_ARG, info.value
+    assert "disk vda does not have an active block job" in str(info.value)
+
+
 @pytest.mark.parametrize(
     "finalize",
     [
         pytest.param(_finalize_by_info, id="blockJobInfo"),
+        pytest.param(_finalize_by_abort_too_late, id="abort-too-late"),
         pytest.param(
             _finalize_by_suspend_resume,
             id="suspend-resume",
