@@ -184,21 +184,47 @@ def kill_and_wait(pid: int) -> None:
     wait_for(lambda: _released(pid), f"process {pid} to die")
 
 
-def xml_chain(xml: str, target: str = "vda") -> list[str]:
-    """The files of disk ``target``'s chain in a domain XML, top first."""
+def xml_chains(xml: str, key: str = "target") -> dict[str, list[str]]:
+    """The files of every disk's chain in a domain XML, top first, by target
+    (``key="target"``) or by device alias (``key="alias"``)."""
     from lxml import etree
 
     doc = etree.fromstring(xml.encode())
+    out = {}
     for disk in doc.findall("devices/disk"):
-        if disk.find("target").get("dev") != target:
-            continue
-        out = [disk.find("source").get("file")]
+        files = [disk.find("source").get("file")]
         bs = disk.find("backingStore")
         while bs is not None and bs.find("source") is not None:
-            out.append(bs.find("source").get("file"))
+            files.append(bs.find("source").get("file"))
             bs = bs.find("backingStore")
-        return out
-    raise AssertionError(target)
+        out[disk.find(key).get("dev" if key == "target" else "name")] = files
+    return out
+
+
+def xml_chain(xml: str, target: str = "vda") -> list[str]:
+    """The files of disk ``target``'s chain in a domain XML, top first."""
+    chains = xml_chains(xml)
+    if target not in chains:
+        raise AssertionError(target)
+    return chains[target]
+
+
+def qemu_chains(dom) -> dict[str, list[str]]:
+    """QEMU's graph from query-block: per device (qdev), its top node name and
+    then the file of every layer, top first."""
+    import json
+
+    import virtshift.libvirt_qemu as libvirt_qemu
+
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-block"}', 0))
+    out = {}
+    for dev in reply["return"]:
+        files, image = [], dev["inserted"]["image"]
+        while image:
+            files.append(image["filename"])
+            image = image.get("backing-image")
+        out[dev["qdev"]] = [dev["inserted"]["node-name"], *files]
+    return out
 
 
 def status_pid(status: Path) -> int:

@@ -22,6 +22,7 @@ from .conftest import (
     blank_backing_format,
     domain_xml,
     make_image,
+    qemu_chains,
     qemu_img,
     qemu_io_read,
     tree_state,
@@ -50,16 +51,7 @@ def mirror_of(dom, target: str = "vda"):
     return None
 
 
-def graph(dom) -> dict[str, list[str]]:
-    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-block"}', 0))
-    out = {}
-    for dev in reply["return"]:
-        files, image = [], dev["inserted"]["image"]
-        while image:
-            files.append(image["filename"])
-            image = image.get("backing-image")
-        out[dev["qdev"]] = [dev["inserted"]["node-name"], *files]
-    return out
+graph = qemu_chains
 
 
 def wait_job(dom, disk: str = "vda", *, ready: bool = False, timeout: float = 60) -> None:

@@ -34,10 +34,9 @@ import pytest
 from lxml import etree
 
 import virtshift.libvirt as libvirt
-import virtshift.libvirt_qemu as libvirt_qemu
 
 from . import conc_worker
-from .conftest import domain_xml, make_image, status_pid
+from .conftest import domain_xml, make_image, qemu_chains, status_pid, xml_chains
 
 MiB = 1024 * 1024
 WORKER = Path(conc_worker.__file__)
@@ -154,32 +153,18 @@ def check_records(records: list[dict[str, Any]], workers: list[str]) -> None:
     assert not bad, f"{len(bad)} unexpected failures, first: {bad[:5]}"
 
 
-def qemu_chains(dom: Any) -> dict[str, list[str]]:
+def device_chains(dom: Any) -> dict[str, list[str]]:
     """QEMU's real chain (files, top first) of each device, from query-block."""
-    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-block"}', 0))
-    out = {}
-    for dev in reply["return"]:
-        files, image = [], dev["inserted"]["image"]
-        while image:
-            files.append(image["filename"])
-            image = image.get("backing-image")
-        # "/machine/peripheral/virtio-disk0/virtio-backend" -> "virtio-disk0"
-        out[dev["qdev"].removeprefix("/machine/peripheral/").split("/")[0]] = files
-    return out
+    # "/machine/peripheral/virtio-disk0/virtio-backend" -> "virtio-disk0"
+    return {
+        qdev.removeprefix("/machine/peripheral/").split("/")[0]: chain[1:]
+        for qdev, chain in qemu_chains(dom).items()
+    }
 
 
-def xml_chains(dom: Any) -> dict[str, list[str]]:
+def alias_chains(dom: Any) -> dict[str, list[str]]:
     """The live XML's chain (files, top first) of each disk, by device alias."""
-    doc = etree.fromstring(dom.XMLDesc(0).encode())
-    out = {}
-    for disk in doc.findall("devices/disk"):
-        files = [disk.find("source").get("file")]
-        bs = disk.find("backingStore")
-        while bs is not None and bs.find("source") is not None:
-            files.append(bs.find("source").get("file"))
-            bs = bs.find("backingStore")
-        out[disk.find("alias").get("name")] = files
-    return out
+    return xml_chains(dom.XMLDesc(0), key="alias")
 
 
 def file_chain(path: str) -> list[str]:
@@ -223,10 +208,10 @@ def check_domain(conn: Any, name: str, records: list[dict[str, Any]], images: Pa
         assert vda.find("source").get("file") == created[snap]
     base = str(images / f"{name}-vda.qcow2")
     want = [created[s] for s in reversed(order)] + [base]
-    qemu = qemu_chains(dom)
+    qemu = device_chains(dom)
     assert qemu["virtio-disk0"] == want
     assert file_chain(want[0]) == want
-    assert xml_chains(dom) == qemu, "live XML differs from QEMU's block graph"
+    assert alias_chains(dom) == qemu, "live XML differs from QEMU's block graph"
     # a snapshot that failed left no overlay behind
     overlays = {str(p) for p in images.glob(f"{name}-*.qcow2") if "-vd" not in p.name}
     overlays -= {str(p) for p in images.glob(f"{name}-copy*.qcow2")}
@@ -282,7 +267,7 @@ def check_vdb_committed(conn: Any, name: str, images: Path) -> None:
     """After the copies and the final active commit, vdb is back on its base."""
     dom = conn.lookupByName(name)
     assert dom.blockJobInfo("vdb", 0) == {}
-    assert qemu_chains(dom)["virtio-disk1"] == [str(images / f"{name}-vdb-base.qcow2")]
+    assert device_chains(dom)["virtio-disk1"] == [str(images / f"{name}-vdb-base.qcow2")]
 
 
 # -- tests -----------------------------------------------------------------------------

@@ -20,7 +20,15 @@ from lxml import etree
 import virtshift.libvirt as libvirt
 import virtshift.libvirt_qemu as libvirt_qemu
 
-from .conftest import domain_xml, make_image, qemu_io_read, status_commands, tree_state
+from .conftest import (
+    domain_xml,
+    make_image,
+    qemu_chains,
+    qemu_io_read,
+    status_commands,
+    tree_state,
+    xml_chains,
+)
 from .fake_agent import FakeAgent
 
 DISK_ONLY = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -47,16 +55,7 @@ def hmp_write(dom, alias: str, pattern: int, offset: int, length: str) -> None:
     libvirt_qemu.qemuMonitorCommand(dom, cmd, 1)
 
 
-def query_block(dom) -> dict[str, list[str]]:
-    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-block"}', 0))
-    out = {}
-    for dev in reply["return"]:
-        chain, image = [], dev["inserted"]["image"]
-        while image:
-            chain.append(image["filename"])
-            image = image.get("backing-image")
-        out[dev["qdev"]] = [dev["inserted"]["node-name"], *chain]
-    return out
+query_block = qemu_chains
 
 
 def observe(dom, root: Path, images: Path) -> dict:
@@ -85,16 +84,7 @@ def code_of(call) -> tuple[int, str]:
 
 
 def live_sources(dom) -> dict[str, list[str]]:
-    doc = etree.fromstring(dom.XMLDesc(0).encode())
-    out = {}
-    for disk in doc.findall("devices/disk"):
-        chain = [disk.find("source").get("file")]
-        bs = disk.find("backingStore")
-        while bs is not None and bs.find("source") is not None:
-            chain.append(bs.find("source").get("file"))
-            bs = bs.find("backingStore")
-        out[disk.find("target").get("dev")] = chain
-    return out
+    return xml_chains(dom.XMLDesc(0))
 
 
 # -- ATOMIC success -----------------------------------------------------------------
