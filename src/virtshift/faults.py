@@ -1,4 +1,4 @@
-"""Test-only fault points: stop the process at a named point of an operation.
+"""Test-only fault points: stop or kill the process at a named point of an operation.
 
 ``VIRTSHIFT_FAULT_STOP_AT=POINT`` makes the process stop itself (SIGSTOP) when
 it reaches :func:`point` with that name.  The fault-matrix tests use it to kill
@@ -20,21 +20,35 @@ The points (where they are, what has happened by then):
 * ``job-finalized``: ``job-finalize`` was answered (QEMU rewrote the backing
   file name above), the end is not applied yet.
 
+``VIRTSHIFT_MIGRATE_CRASH_AFTER=STEP`` makes the process SIGKILL itself right
+after ``migrate-storage`` journaled STEP (:func:`crash_after`; ``copy-layer`` for
+the first copied layer), to test recovery at every step.
+
 This module does nothing else: no other switch, no delay, no fault of its own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
-__all__ = ["ENV", "point"]
+__all__ = ["CRASH_ENV", "ENV", "crash_after", "point"]
 
 #: The environment variable naming the point to stop at.
 ENV = "VIRTSHIFT_FAULT_STOP_AT"
+#: The environment variable naming the migrate-storage step to die after.
+CRASH_ENV = "VIRTSHIFT_MIGRATE_CRASH_AFTER"
 
 
 def point(name: str) -> None:
     """Stop this process (SIGSTOP) if ``VIRTSHIFT_FAULT_STOP_AT`` names ``name``."""
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def crash_after(step: str) -> None:
+    """Kill this process (SIGKILL) if ``VIRTSHIFT_MIGRATE_CRASH_AFTER`` names ``step``."""
+    if os.environ.get(CRASH_ENV) == step:
+        logging.getLogger("virtshift.migrate").warning("test switch: crashing after %s", step)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -30,8 +30,7 @@ its current chain.  ``abort`` returns every disk that has not pivoted to the
 source and removes what the move created on the destination.
 
 Test-only: ``VIRTSHIFT_MIGRATE_CRASH_AFTER=STEP`` makes the process SIGKILL
-itself right after journaling STEP (``copy-layer`` for the first copied
-layer), to test recovery at every step.
+itself right after journaling STEP (see :mod:`virtshift.faults`).
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -49,6 +47,7 @@ from typing import Any
 
 from lxml import etree
 
+from virtshift import faults
 from virtshift import libvirt as lv
 from virtshift.errors import ErrorCode, VirtError
 from virtshift.migrate import journal as jn
@@ -66,12 +65,6 @@ _log = logging.getLogger("virtshift.migrate")
 ProgressT = Callable[[str, dict[str, Any]], None]
 
 MIB = 1024 * 1024
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get("VIRTSHIFT_MIGRATE_CRASH_AFTER") == name:
-        _log.warning("test switch: crashing after %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _img(*args: str) -> str:
@@ -413,7 +406,7 @@ class Migration:
         self.progress(
             "step", {"disk": move.target, "step": step.value, "seconds": timings[step.value]}
         )
-        _crash_point(step.value)
+        faults.crash_after(step.value)
         return move
 
     def _advance(self, move: DiskMove) -> None:
@@ -552,7 +545,7 @@ class Migration:
                     f"({written / MIB:.1f} MiB, done {took:.2f} s into the copy)",
                 )
             )
-            _crash_point("copy-layer")
+            faults.crash_after("copy-layer")
         return move
 
     def _verify(self, move: DiskMove) -> None:
