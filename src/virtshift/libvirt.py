@@ -365,7 +365,10 @@ class virConnect:
         self._snapshots: Any = None
         self._jobs: Any = None
         self.domainEventCallbackID: dict[int, Any] = {}
-        self._job_service()  # plugs job reconciliation into every locked operation
+        # Every locked operation on a domain with unended jobs first applies
+        # what QEMU ended. The block-job layer is imported only then, so that
+        # calls that never meet a job (``list``) do not load it.
+        driver.on_monitor = self._reconcile_jobs
 
     # -- connection -----------------------------------------------------------
 
@@ -396,6 +399,9 @@ class virConnect:
     def close(self) -> int:
         self._open = False
         return 0
+
+    def _reconcile_jobs(self, name: str, mon: Any) -> None:
+        self._job_service().reconcile(name, mon)
 
     def _job_service(self) -> Any:
         from virtshift.runtime.blockjob import BlockJobOps

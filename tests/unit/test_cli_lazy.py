@@ -7,8 +7,11 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from virtshift.cli.main import LAZY_VERBS, cli
+import pytest
+
+from virtshift.cli.main import LAZY_VERBS, _long_globals, cli
 
 
 def _all_verbs() -> dict[str, str]:
@@ -64,3 +67,36 @@ def test_a_lazy_verb_runs() -> None:
         check=True,
     )
     assert "List a domain's snapshots." in res.stdout
+
+
+def test_list_loads_no_block_job_layer(tmp_path: Path) -> None:
+    # `list` meets no job: the block-job and snapshot layers, QEMU's process
+    # module and difflib (click's option suggestions) stay unloaded
+    root = tmp_path / "root"
+    script = (
+        "import json, sys\n"
+        "from virtshift.cli.main import main\n"
+        f"rc = main(['-c', 'qemu:///embed?root={root}', 'list', '--all'])\n"
+        "print(json.dumps([rc, sorted(sys.modules)]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    rc, modules = json.loads(res.stdout.splitlines()[-1])
+    assert rc == 0
+    assert "virtshift.libvirt" in modules
+    loaded = set(modules)
+    for heavy in ("virtshift.runtime.blockjob", "virtshift.ops.snapshot", "subprocess", "difflib"):
+        assert heavy not in loaded, heavy
+
+
+@pytest.mark.parametrize(
+    ("given", "passed"),
+    [
+        (["-c", "URI", "list", "-c"], ["--connect", "URI", "list", "-c"]),
+        (["-d", "-c", "-d", "list"], ["--debug", "--connect", "-d", "list"]),
+        (["list", "-d"], ["list", "-d"]),
+        (["-c"], ["--connect"]),
+        ([], []),
+    ],
+)
+def test_only_leading_global_options_are_spelled_long(given: list[str], passed: list[str]) -> None:
+    assert _long_globals(given) == passed

@@ -42,12 +42,11 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtshift.errors import ErrorCode, NoDomain, VirtError
 from virtshift.model.domain import Disk, Domain
@@ -66,6 +65,9 @@ from virtshift.store.files import (
 from virtshift.store.images import read_chain
 from virtshift.xml.domain import format_domain, parse_domain
 from virtshift.xml.status import format_status, parse_status
+
+if TYPE_CHECKING:
+    import subprocess  # imported where QEMU is started: `list` never needs it
 
 __all__ = ["DEFAULT_EMULATOR", "DomainRecord", "Driver"]
 
@@ -467,6 +469,8 @@ class Driver:
         with open(logfd, "ab", buffering=0) as logf:
             os.fchmod(logfd, 0o600)
             logf.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} starting: {plan.argv!r}\n".encode())
+            import subprocess
+
             try:
                 proc = subprocess.Popen(
                     plan.argv,
@@ -815,6 +819,8 @@ def _reap(pid: int) -> None:
     """Collect a QEMU child of this process that has exited (no zombie, no warning)."""
     child = _CHILDREN.pop(pid, None)
     if child is not None:
+        import subprocess
+
         try:
             child.wait(timeout=5)
         except subprocess.TimeoutExpired:  # still running: keep watching it
@@ -875,6 +881,8 @@ def _probe_binary(emulator: str, workdir: Path) -> QemuCaps:
         "-S", "-chardev", f"socket,id=m,path={sock.name},server=on,wait=off",
         "-mon", "chardev=m,mode=control",
     ]  # fmt: skip
+    import subprocess
+
     try:
         proc = subprocess.Popen(
             argv,
