@@ -988,3 +988,41 @@ def test_serialize_document_escapes() -> None:
     )
     again = etree.fromstring(serialize_document(root).encode())
     assert again.get("v") == "x'y\"z&<>\n"
+
+
+def _write_with(root: etree._Element, scope: dict[str | None, str] | None) -> str:
+    from virtshift.xml.safe import _write_node
+
+    out: list[str] = []
+    _write_node(root, 0, out, scope, pretty=True)
+    return "".join(out)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in _CORPUS.rglob("*.xml") if b"xmlns" not in p.read_bytes()),
+    ids=lambda p: p.name,
+)
+def test_serializer_fast_path_writes_what_the_namespace_path_writes(path: Path) -> None:
+    # Documents without namespaces skip every nsmap lookup; the bytes must be
+    # those the namespace-aware path writes (libvirt's own test documents).
+    root = etree.fromstring(path.read_bytes())
+    root.set("extra", "a'b\"c&d<e>f\ng\th\ri")
+    assert _write_with(root, None) == _write_with(root, {})
+
+
+def test_serializer_declares_namespaces_wherever_one_is_in_scope() -> None:
+    text = (
+        "<domain type='qemu'><name>n</name><metadata>"
+        "<app:info xmlns:app='http://example.org/app' xml:lang='en'>"
+        "<app:item app:key='v'>x</app:item></app:info></metadata></domain>"
+    )
+    root = etree.fromstring(text.encode())
+    written = serialize_document(root)
+    assert written == (
+        "<domain type='qemu'>\n  <name>n</name>\n  <metadata>\n"
+        "    <app:info xmlns:app='http://example.org/app' xml:lang='en'>\n"
+        "      <app:item app:key='v'>x</app:item>\n    </app:info>\n  </metadata>\n</domain>\n"
+    )
+    plain = etree.fromstring(b"<a><b xml:lang='en'>t</b></a>")
+    assert serialize_document(plain) == "<a>\n  <b xml:lang='en'>t</b>\n</a>\n"

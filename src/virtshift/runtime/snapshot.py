@@ -31,7 +31,7 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,14 @@ def _tops(mon: Monitor) -> dict[str, str | None]:
     }
 
 
-def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monitor) -> Domain:
+def take_live(
+    driver: Driver,
+    rec: DomainRecord,
+    plan: SnapshotPlan,
+    mon: Monitor,
+    *,
+    kinds: dict[str, PathKind] | None = None,
+) -> Domain:
     """Run the QMP part of a snapshot on a running domain; return the new live domain.
 
     Writes the status (and the persistent definition) only once QEMU has
@@ -215,9 +222,13 @@ def take_live(driver: Driver, rec: DomainRecord, plan: SnapshotPlan, mon: Monito
     QUIESCE the guest is frozen just before QEMU is asked and thawed on every
     path; a thaw that fails after a successful snapshot is reported as an
     error that says the snapshot was taken.
+
+    :param kinds: what :func:`preflight` returned for this plan under the same
+        lock, if the caller already ran it (each pre-created overlay's header is
+        then read once per call, not twice).
     """
     assert rec.status is not None
-    before = preflight(plan, rec.definition)
+    before = kinds if kinds is not None else preflight(plan, rec.definition)
     # what QEMU's graph must look like if a transaction fails: our record of each
     # disk's top node (no query before the transaction: it is on the hot path)
     tops: dict[str, str | None] = {
@@ -521,7 +532,7 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
         before = preflight(plan, rec.definition)
         if plan.reuse and any(ov.mirror is not None for ov in plan.overlays):
             _check_reused_mirrors(plan, mon, rec)
-        take_live(driver, rec, plan, mon)
+        take_live(driver, rec, plan, mon, kinds=before)
         mirrored = [ov for ov in plan.overlays if ov.mirror is not None]
         for ov in mirrored:
             assert ov.mirror is not None
@@ -797,10 +808,14 @@ class Snapshots:
         defs: MutableMapping[str, SnapshotDef],
         *,
         rewrite: str | None = None,
+        formatted: Mapping[str, str] | None = None,
     ) -> None:
         """Write the files whose parent or current flag changed between two trees
         (and ``rewrite``'s in any case), remove those of removed snapshots, and
         bring the index up to date with them.
+
+        :param formatted: documents already formatted for ``new`` (a new
+            snapshot's, made once for its intent and its file), by name.
 
         The caller holds the domain lock and the exclusive metadata lock
         (:meth:`_changing`), so readers see all of these writes or none."""
@@ -812,9 +827,16 @@ class Snapshots:
             changed_current = (old.current == name) != (new.current == name)
             if changed_parent or changed_current or name == rewrite:
                 current = new.current == name
-                snap = dataclasses.replace(defs[name], parent=node.parent, current=current)
-                store.write(name, format_snapshot(snap, internal=True, domain_uuid=uuid))
-                written[name] = IndexEntry(key=store.key(name), node=_node(snap), current=current)
+                text = formatted.get(name) if formatted else None
+                if text is None and not changed_parent and name != rewrite:
+                    # only <active> differs: the document's last line, no need to
+                    # parse and format the whole definition (its <domain>) again
+                    text = _with_active(store.read(name), current)
+                if text is None:
+                    snap = dataclasses.replace(defs[name], parent=node.parent, current=current)
+                    text = format_snapshot(snap, internal=True, domain_uuid=uuid)
+                store.write(name, text)
+                written[name] = IndexEntry(key=store.key(name), node=node, current=current)
         removed = [name for name in old.nodes if name not in new.nodes]
         for name in removed:
             store.remove(name)
@@ -857,14 +879,19 @@ class Snapshots:
             plan = dataclasses.replace(
                 plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
             )
+            # the new snapshot's document, formatted once: for the intent and its file
+            text = (
+                format_snapshot(
+                    dataclasses.replace(plan.snapshot, current=True),
+                    internal=True,
+                    domain_uuid=before.uuid,
+                )
+                if plan.metadata
+                else None
+            )
             intent = None
             if plan.live and plan.use_transaction:
                 # a process that dies from here on leaves this for the next call
-                text = (
-                    format_snapshot(plan.snapshot, internal=True, domain_uuid=before.uuid)
-                    if plan.metadata
-                    else None
-                )
                 intent = write_intent(self.driver, rec, plan, text)
             try:
                 take_snapshot(self.driver, rec, plan)
@@ -874,7 +901,10 @@ class Snapshots:
                     # writes the new snapshot and the old current one (no longer current)
                     with self._changing(domain, "snapshot-create"):
                         defs[snap.name] = plan.snapshot
-                        self._sync(domain, before.uuid, tree, new, defs)
+                        assert text is not None
+                        self._sync(
+                            domain, before.uuid, tree, new, defs, formatted={snap.name: text}
+                        )
             except BaseException as err:
                 if intent is not None and not _unanswered(err):
                     remove_quietly(intent)
@@ -1108,6 +1138,18 @@ class DeleteFlags(enum.IntFlag):
     METADATA_ONLY = 2
     CHILDREN_ONLY = 4
     REOPEN_MIRROR = 8
+
+
+_ACTIVE_END = ("  <active>{}</active>\n</domainsnapshot>\n").format
+
+
+def _with_active(text: str, current: bool) -> str | None:
+    """``text`` (an internal-form document) with its ``<active>`` set to ``current``;
+    None unless the document ends with that element as :func:`format_snapshot` writes it."""
+    for was in (_ACTIVE_END(1), _ACTIVE_END(0)):
+        if text.endswith(was):
+            return text[: -len(was)] + _ACTIVE_END(1 if current else 0)
+    return None
 
 
 def _node(snap: SnapshotDef) -> SnapNode:

@@ -290,7 +290,9 @@ def _stripped(text: str | None) -> str | None:
     return text.strip() or None
 
 
-def _domain_from_element(root: etree._Element) -> Domain:
+def _head_from_element(root: etree._Element) -> Domain:
+    """The domain's own fields (type, name, uuid, id, memory, vcpu, os, emulator),
+    without its disks and channels."""
     typ = root.get("type")
     if typ is None:
         raise _xml_error("missing domain type attribute")
@@ -298,14 +300,6 @@ def _domain_from_element(root: etree._Element) -> Domain:
     memory = root.find("memory")
     vcpu = _uint(_stripped(root.findtext("vcpu")), "vcpu count")
     os_type = root.find("os/type")
-    devices = root.find("devices")
-    disks: list[Disk] = []
-    channels: list[Channel] = []
-    emulator: str | None = None
-    if devices is not None:
-        emulator = _stripped(devices.findtext("emulator"))
-        disks = [_disk_from_element(d) for d in devices.findall("disk")]
-        channels = [_channel_from_element(c) for c in devices.findall("channel")]
     return Domain(
         type=typ,
         name=root.findtext("name") or "",
@@ -318,10 +312,20 @@ def _domain_from_element(root: etree._Element) -> Domain:
         else _DEFAULT_OS_TYPE,
         arch=os_type.get("arch") if os_type is not None else None,
         machine=os_type.get("machine") if os_type is not None else None,
-        emulator=emulator,
-        disks=tuple(disks),
-        channels=tuple(channels),
+        emulator=_stripped(root.findtext("devices/emulator")),
         tree=root,
+    )
+
+
+def _domain_from_element(root: etree._Element) -> Domain:
+    head = _head_from_element(root)
+    devices = root.find("devices")
+    if devices is None:
+        return head
+    return dataclasses.replace(
+        head,
+        disks=tuple(_disk_from_element(d) for d in devices.findall("disk")),
+        channels=tuple(_channel_from_element(c) for c in devices.findall("channel")),
     )
 
 
@@ -344,6 +348,20 @@ def parse_domain(text: str | bytes) -> Domain:
             _place(root, uuid_el, _DOMAIN_ORDER)
         uuid_el.text = generated
         dom = dataclasses.replace(dom, uuid=generated)
+    validate_domain(dom)
+    return dom
+
+
+def domain_from_element(root: etree._Element) -> Domain:
+    """Like :func:`parse_domain`, for a ``<domain>`` element of a document that
+    :func:`~virtshift.xml.safe.parse_document` already read (a status file's);
+    the element becomes the model's ``tree`` and must hold a UUID.
+
+    :raise VirtError: as :func:`parse_domain`.
+    """
+    dom = _domain_from_element(root)
+    if not dom.uuid:
+        raise _xml_error("missing domain uuid")
     validate_domain(dom)
     return dom
 
@@ -895,7 +913,9 @@ def _domain_element(dom: Domain, *, inactive: bool) -> etree._Element:
             root = copy.deepcopy(source_root.getroottree()).getroot()
         else:
             root = copy.deepcopy(source_root)
-        orig: Domain | None = _domain_from_element(source_root)
+        # what the tree says of the fields compared below (its disks and
+        # channels are written from the model whatever the tree says)
+        orig: Domain | None = _head_from_element(source_root)
     else:
         root = etree.Element("domain")
         orig = None

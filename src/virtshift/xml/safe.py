@@ -151,13 +151,23 @@ def parse_document(text: str | bytes, *, what: str, root_tag: str) -> etree._Ele
 # Writing
 
 
+_TEXT_SPECIAL: Final = re.compile(r"[&<>]")
+_ATTR_SPECIAL: Final = re.compile("[&<>'\"\n\r\t]")
+
+
 def _escape_text(value: str) -> str:
+    if _TEXT_SPECIAL.search(value) is None:
+        return value
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _escape_attr(value: str) -> str:
+    if _ATTR_SPECIAL.search(value) is None:
+        return value
     return (
-        _escape_text(value)
+        value.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
         .replace("'", "&apos;")
         .replace('"', "&quot;")
         .replace("\n", "&#10;")
@@ -186,14 +196,20 @@ def _qname(el: etree._Element, name: str, *, attribute: bool) -> str:
     raise ValueError(f"no namespace prefix in scope for {uri!r}")
 
 
-def _start_tag(el: etree._Element, parent_nsmap: dict[str | None, str]) -> str:
-    parts = [_qname(el, str(el.tag), attribute=False)]
-    for prefix, uri in el.nsmap.items():
-        if parent_nsmap.get(prefix) != uri:
-            name = f"xmlns:{prefix}" if prefix else "xmlns"
-            parts.append(f"{name}='{_escape_attr(uri)}'")
+def _start_tag(el: etree._Element, tag: str, parent_nsmap: dict[str | None, str] | None) -> str:
+    """The start tag's inside; ``parent_nsmap`` None: no namespace is in scope."""
+    parts = [tag]
+    if parent_nsmap is not None:
+        for prefix, uri in el.nsmap.items():
+            if parent_nsmap.get(prefix) != uri:
+                name = f"xmlns:{prefix}" if prefix else "xmlns"
+                parts.append(f"{name}='{_escape_attr(uri)}'")
     for key, value in el.attrib.items():
-        parts.append(f"{_qname(el, str(key), attribute=True)}='{_escape_attr(str(value))}'")
+        # lxml-stubs say str | bytes; lxml gives str
+        name = cast(str, key)
+        if name[0] == "{":
+            name = _qname(el, name, attribute=True)
+        parts.append(f"{name}='{_escape_attr(cast(str, value))}'")
     return " ".join(parts)
 
 
@@ -205,44 +221,46 @@ def _write_node(
     node: etree._Element,
     level: int,
     out: list[str],
-    parent_nsmap: dict[str | None, str],
+    parent_nsmap: dict[str | None, str] | None,
     *,
     pretty: bool,
 ) -> None:
-    if isinstance(node, etree._Comment):
-        out.append(f"<!--{node.text or ''}-->")
+    """Append ``node`` to ``out``; ``parent_nsmap`` None: the document has no namespaces."""
+    raw_tag = node.tag
+    if not isinstance(raw_tag, str):  # comment, processing instruction, entity
+        if isinstance(node, etree._Comment):
+            out.append(f"<!--{node.text or ''}-->")
+        elif isinstance(node, etree._ProcessingInstruction):
+            body = f" {node.text}" if node.text else ""
+            target = cast(str, node.target)  # lxml-stubs say bytes; lxml gives str
+            out.append(f"<?{target}{body}?>")
+        elif isinstance(node, etree._Entity):
+            out.append(f"&{node.name};")
         return
-    if isinstance(node, etree._ProcessingInstruction):
-        body = f" {node.text}" if node.text else ""
-        target = cast(str, node.target)  # lxml-stubs say bytes; lxml gives str
-        out.append(f"<?{target}{body}?>")
-        return
-    if isinstance(node, etree._Entity):
-        out.append(f"&{node.name};")
-        return
-    start = _start_tag(node, parent_nsmap)
-    nsmap = dict(node.nsmap)
-    children = list(node)
+    if parent_nsmap is None:
+        tag = raw_tag
+        nsmap = None
+    else:
+        tag = _qname(node, raw_tag, attribute=False)
+        nsmap = dict(node.nsmap)
+    start = _start_tag(node, tag, parent_nsmap)
     text = node.text
-    if not children:
+    if len(node) == 0:
         # Whitespace spanning lines inside a leaf is indentation of an element
         # that once had children; libvirt prints such an element as empty.
-        if text is None or text == "" or (pretty and _is_blank(text) and "\n" in text):
+        if not text or (pretty and "\n" in text and not text.strip()):
             out.append(f"<{start}/>")
         else:
-            out.append(
-                f"<{start}>{_escape_text(text)}</{_qname(node, str(node.tag), attribute=False)}>"
-            )
+            out.append(f"<{start}>{_escape_text(text)}</{tag}>")
         return
-    end = f"</{_qname(node, str(node.tag), attribute=False)}>"
-    mixed = not _is_blank(text) or any(not _is_blank(c.tail) for c in children)
+    children = list(node)
     out.append(f"<{start}>")
-    if pretty and not mixed:
-        inner = _INDENT * (level + 1)
+    if pretty and _is_blank(text) and all(_is_blank(c.tail) for c in children):
+        inner = "\n" + _INDENT * (level + 1)
         for child in children:
-            out.append("\n" + inner)
+            out.append(inner)
             _write_node(child, level + 1, out, nsmap, pretty=True)
-        out.append("\n" + _INDENT * level + end)
+        out.append(f"\n{_INDENT * level}</{tag}>")
         return
     if text:
         out.append(_escape_text(text))
@@ -250,7 +268,12 @@ def _write_node(
         _write_node(child, level + 1, out, nsmap, pretty=False)
         if child.tail:
             out.append(_escape_text(child.tail))
-    out.append(end)
+    out.append(f"</{tag}>")
+
+
+def _has_namespaces(root: etree._Element) -> bool:
+    """True when any element of ``root`` has a namespace in scope (besides ``xml:``)."""
+    return bool(root.xpath("boolean(descendant-or-self::*/namespace::*[name() != 'xml'])"))
 
 
 def serialize_document(root: etree._Element) -> str:
@@ -262,12 +285,13 @@ def serialize_document(root: etree._Element) -> str:
     :return: the text, ending with a newline.
     """
     out: list[str] = []
+    top: dict[str | None, str] | None = {} if _has_namespaces(root) else None
     for sibling in reversed(list(root.itersiblings(preceding=True))):
-        _write_node(sibling, 0, out, {}, pretty=True)
+        _write_node(sibling, 0, out, top, pretty=True)
         out.append("\n")
-    _write_node(root, 0, out, {}, pretty=True)
+    _write_node(root, 0, out, top, pretty=True)
     out.append("\n")
     for sibling in root.itersiblings():
-        _write_node(sibling, 0, out, {}, pretty=True)
+        _write_node(sibling, 0, out, top, pretty=True)
         out.append("\n")
     return "".join(out)

@@ -66,7 +66,7 @@ from virtshift.model.snapshot import (
     SnapshotMirror,
     SnapshotState,
 )
-from virtshift.xml.domain import format_domain, parse_domain
+from virtshift.xml.domain import domain_element, parse_domain
 from virtshift.xml.safe import parse_document, serialize_document
 
 __all__ = [
@@ -647,10 +647,9 @@ def _libxml2_dump(
 
 def _domain_element(dom: Domain, tag: str, ph: _Placeholders) -> etree._Element:
     """The inactive form of ``dom`` as an element named ``tag`` (child of the root)."""
-    text = format_domain(dom, inactive=True)
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
-    el = etree.fromstring(text.encode("utf-8"), parser)
+    el = domain_element(dom, inactive=True)
     el.tag = tag
+    el.tail = None
     for metadata in el.findall("metadata"):
         # libvirt writes <metadata> through libxml2, with double quotes.
         parent_nsmap = dict(el.nsmap)

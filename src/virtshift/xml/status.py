@@ -59,7 +59,7 @@ from virtshift.errors import ErrorCode, VirtError
 from virtshift.model.domain import Disk, Domain, StorageSource
 from virtshift.model.job import BlockJob, JobState, JobType, Trigger
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
-from virtshift.xml.domain import domain_element, parse_domain
+from virtshift.xml.domain import domain_element, domain_from_element
 from virtshift.xml.safe import parse_document
 
 __all__ = ["fill_node_names", "format_status", "parse_status"]
@@ -305,7 +305,7 @@ def parse_status(text: str | bytes) -> DomainStatus:
         dom_el = root.find("domain")
         if vs is None or qemu is None or dom_el is None:
             raise ValueError("incomplete status document")
-        domain = fill_node_names(parse_domain(etree.tostring(dom_el)))
+        domain = fill_node_names(domain_from_element(dom_el))
         jobs_el = root.find("blockjobs")
         jobs = () if jobs_el is None else tuple(_job_from(j) for j in jobs_el.findall("blockjob"))
         return DomainStatus(
