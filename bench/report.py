@@ -749,6 +749,7 @@ _PHASE_COLS = [
     "read + parse status/config XML",
     "load snapshot tree (parse every file)",
     "format status XML",
+    "build the new status while QEMU works (overlapped)",
     "format domain XML",
     "format snapshot XML",
     "durable writes (write_atomic)",

@@ -234,6 +234,15 @@ PATCH_POINTS: list[tuple[str, str | None, str, str | None]] = [
     ("virtshift.qmp.client", "Monitor", "connect", "QMP connect + negotiate"),
     ("virtshift.qmp.client", "Monitor", "close", "QMP disconnect"),
     ("virtshift.qmp.client", "Monitor", "execute", None),
+    # a command sent, then its reply awaited after other work (both count as the command)
+    ("virtshift.qmp.client", "Monitor", "submit", None),
+    ("virtshift.qmp.client", "Pending", "result", None),
+    (
+        "virtshift.runtime.driver",
+        "Driver",
+        "prepare_status",
+        "build the new status while QEMU works (overlapped)",
+    ),
     ("virtshift.qmp.client", "Monitor", "wait_event", "wait for a QEMU event"),
     ("virtshift.store.files", "FileLock", "acquire", "take the domain lock"),
     ("virtshift.runtime.driver", "Driver", "record", "read + parse status/config XML"),
@@ -266,8 +275,10 @@ class Phases:
                 return fn(*args, **kwargs)
             if label is not None:
                 name = label
-            elif attr == "execute":
+            elif attr in ("execute", "submit"):
                 name = f"QMP {args[1]}"
+            elif attr == "result":  # Pending.result
+                name = f"QMP {args[0]._command}"
             else:  # subprocess.run
                 argv = args[0] if args else kwargs.get("args", [])
                 name = "subprocess " + " ".join(str(a) for a in list(argv)[:2])

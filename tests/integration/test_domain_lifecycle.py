@@ -322,3 +322,62 @@ def test_sata_and_scsi_disks(conn, images: Path) -> None:
         str(images / f"{t}.s") for t, _p, _b in disks
     ]
     dom.destroy()
+
+
+def test_submitted_command_answers_like_execute(conn, two_disks, root: Path) -> None:
+    # Monitor.submit sends at once and leaves the reply for later: the caller's
+    # thread works meanwhile, then gets what execute would have given
+    from virtshift.errors import QMPError
+    from virtshift.qmp.client import Monitor
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("sub", [("vda", top, "qcow2")]), 0)
+    with Monitor(str(root / "run/qemu/domain-sub/monitor.sock")).connect() as mon:
+        pending = mon.submit("stop")
+        busy = sum(i * i for i in range(20000))  # the caller's own work
+        assert busy > 0
+        assert pending.result() == {}
+        assert mon.execute("query-status")["status"] == "paused"
+        assert mon.submit("query-name").result() == mon.execute("query-name")
+        bad = mon.submit("blockdev-del", {"node-name": "no-such-node"})
+        with pytest.raises(QMPError) as info:
+            bad.result()
+        assert info.value.error_class == "GenericError"
+        assert "no-such-node" in str(info.value)
+        mon.execute("cont")
+    dom.destroy()
+
+
+def test_status_written_during_a_snapshot_reads_back_as_parsed(
+    conn, two_disks, root: Path, monkeypatch
+) -> None:
+    # a snapshot builds the new status while QEMU works and keeps what parsing
+    # the document gives; a later call in the same process uses that, and it
+    # must be what a fresh process reads from the file
+    from virtshift.runtime.driver import Driver
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("prep", [("vda", top, "qcow2")]), 0)
+    overlay = top.parent / "prep-snap.qcow2"
+    dom.snapshotCreateXML(
+        "<domainsnapshot><name>s1</name><disks>"
+        f"<disk name='vda' snapshot='external'><source file='{overlay}'/></disk>"
+        "</disks></domainsnapshot>",
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
+    )
+    fresh = Driver(root).record("prep").status
+
+    def no_parsing(text: bytes) -> None:
+        raise AssertionError("the status written by the snapshot was parsed again")
+
+    monkeypatch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
+    kept = conn._driver.record("prep").status
+    assert kept is not None
+    assert fresh is not None
+    assert kept == fresh
+    assert [layer.path for layer in kept.domain.disks[0].source.chain()] == [
+        str(overlay),
+        str(top),
+        str(_base),
+    ]
+    dom.destroy()

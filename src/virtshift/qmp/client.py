@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # asyncio (~20 ms) and socket (~4 ms): only QEMU-talking calls need them
     import asyncio
+    import concurrent.futures
     import socket
 
 from virtshift.errors import ErrorCode, QMPError, VirtError
 
-__all__ = ["Monitor", "connect_unix"]
+__all__ = ["Monitor", "Pending", "connect_unix"]
 
 _log = logging.getLogger("virtshift.qmp")
 _T = TypeVar("_T")
@@ -113,6 +114,43 @@ def _check_socket(path: str) -> None:
             ErrorCode.OPERATION_FAILED,
             f"QEMU monitor '{path}' is not a socket owned by this user; refusing to connect",
         )
+
+
+async def _turn() -> None:
+    """Nothing: one turn of the loop thread (see :meth:`Monitor.submit`)."""
+
+
+class Pending:
+    """A command sent by :meth:`Monitor.submit`, whose reply is still to come."""
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        command: str,
+        sent: dict[str, Any],
+        fut: concurrent.futures.Future[Any],
+        timeout: float,
+    ) -> None:
+        self._monitor = monitor
+        self._command = command
+        self._sent = sent
+        self._fut = fut
+        self._timeout = timeout
+
+    def result(self) -> Any:
+        """QEMU's ``return`` value.
+
+        :raise QMPError: as :meth:`Monitor.execute`.
+        """
+
+        def wait() -> Any:
+            try:
+                return self._fut.result(self._timeout)
+            except TimeoutError:
+                self._fut.cancel()
+                raise
+
+        return self._monitor._answer(self._command, self._sent, wait)
 
 
 class Monitor:
@@ -246,16 +284,51 @@ class Monitor:
         :raise QMPError: QEMU answered with an error (``desc`` and ``class`` kept),
             or the monitor went away.
         """
+        sent = self._sent(command, arguments)
+        wait = timeout if timeout else self.timeout
+        return self._answer(
+            command, sent, lambda: _run(self._client.execute(command, arguments), wait)
+        )
+
+    def submit(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Pending:
+        """Send one command and return at once, once it is written to QEMU; its
+        :meth:`Pending.result` is what :meth:`execute` would have returned or raised.
+
+        The caller's thread can then work while QEMU does (formatting what
+        the command's success will need written): the command is on the wire
+        before this returns, so that work does not delay it.
+        """
+        import asyncio
+
+        sent = self._sent(command, arguments)
+        fut = asyncio.run_coroutine_threadsafe(
+            self._client.execute(command, arguments), _Loop.get()
+        )
+        # The loop thread runs callbacks in order: the command's first step
+        # queues its write, so two empty turns through the loop come back only
+        # after the write ran (and the caller's thread no longer contends with
+        # it for the GIL).
+        for _ in range(2):
+            _run(_turn(), self.timeout)
+        return Pending(self, command, sent, fut, timeout if timeout else self.timeout)
+
+    @staticmethod
+    def _sent(command: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+        sent = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        if _log.isEnabledFor(logging.DEBUG):  # the dumps cost ~1 ms at 64 disks
+            _log.debug("send %s", json.dumps(sent))
+        return sent
+
+    @staticmethod
+    def _answer(command: str, sent: dict[str, Any], wait: Callable[[], Any]) -> Any:
+        """``wait()``'s reply, or the :class:`QMPError` for how it failed."""
         from qemu.qmp import ExecuteError
 
-        sent = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        debug = _log.isEnabledFor(logging.DEBUG)  # the dumps cost ~1 ms at 64 disks
-        if debug:
-            _log.debug("send %s", json.dumps(sent))
+        debug = _log.isEnabledFor(logging.DEBUG)
         try:
-            reply = _run(
-                self._client.execute(command, arguments), timeout if timeout else self.timeout
-            )
+            reply = wait()
         except ExecuteError as err:
             received = dict(err.received)
             if debug:

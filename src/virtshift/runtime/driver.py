@@ -635,9 +635,33 @@ class Driver:
         """Replace the status of a running domain (caller holds the domain lock)."""
         self._write_status(name, status)
 
-    def write_config(self, name: str, config: Domain) -> None:
-        """Replace the persistent definition (caller holds the domain lock)."""
-        write_atomic(self.config_path(name), format_domain(config, inactive=True))
+    def prepare_status(self, status: DomainStatus) -> PreparedStatus:
+        """Everything :meth:`write_prepared_status` needs but the write: the text,
+        and what reading it back gives (done while QEMU works on a command)."""
+        status = dataclasses.replace(status, caps=self._store_caps(status.caps))
+        text = format_status(status)
+        return PreparedStatus(text=text, read_back=self._parse_status(text.encode()))
+
+    def write_prepared_status(self, name: str, prepared: PreparedStatus) -> None:
+        """Write a status made by :meth:`prepare_status` (caller holds the domain
+        lock); the next read in this process finds it parsed."""
+        path = self.status_path(name)
+        write_atomic(path, prepared.text)
+        # the lock keeps every other writer out, so the file is still ours
+        st = os.lstat(path)
+        self._parsed[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), prepared.read_back)
+
+    def write_config(
+        self, name: str, config: Domain | None = None, *, text: str | None = None
+    ) -> None:
+        """Replace the persistent definition (caller holds the domain lock).
+
+        :param text: ``config`` already formatted (inactive form), if it was.
+        """
+        if text is None:
+            assert config is not None
+            text = format_domain(config, inactive=True)
+        write_atomic(self.config_path(name), text)
 
     def _clear_runtime(self, name: str) -> None:
         remove_quietly(self.status_path(name))
@@ -813,6 +837,16 @@ def _kill(pid: int, grace: float = 5.0) -> None:
                 return
             time.sleep(0.01)
     _reap(pid)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedStatus:
+    """A status document ready to be written (:meth:`Driver.prepare_status`)."""
+
+    #: The document.
+    text: str
+    #: What parsing the document gives (as :meth:`Driver._cached` would keep it).
+    read_back: DomainStatus
 
 
 def _reap(pid: int) -> None:

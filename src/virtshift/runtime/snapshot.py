@@ -66,10 +66,11 @@ from virtshift.ops.snapshot import (
 from virtshift.qmp.agent import GuestAgent
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
-from virtshift.runtime.driver import DomainRecord, Driver
+from virtshift.runtime.driver import DomainRecord, Driver, PreparedStatus
 from virtshift.store.files import remove_quietly, write_atomic
 from virtshift.store.images import read_layer
 from virtshift.store.snapshots import FileKeyT, IndexEntry, SnapshotStore
+from virtshift.xml.domain import format_domain
 from virtshift.xml.snapshot import (
     apply_creation_defaults,
     check_snapshot_name,
@@ -238,6 +239,7 @@ def take_live(
     frozen = False
     done: list[OverlayPlan] = []
     failure: VirtError | None = None
+    prepared: _Prepared | None = None
     try:
         if agent is not None:
             agent.freeze()
@@ -245,7 +247,10 @@ def take_live(
         if plan.use_transaction:
             faults.point("snapshot-before-transaction")
             try:
-                mon.execute("transaction", {"actions": transaction_actions(plan)})
+                pending = mon.submit("transaction", {"actions": transaction_actions(plan)})
+                # what the success will write, built while QEMU switches the disks
+                prepared = _prepare_commit(driver, rec, plan)
+                pending.result()
             except VirtError as err:
                 if not (isinstance(err, QMPError) and err.unanswered and _ran(mon, rec, plan, err)):
                     removed = _remove_created(plan.overlays, before)
@@ -278,7 +283,7 @@ def take_live(
         thaw_error = _thaw(agent, frozen)
     if not done:  # pragma: no cover - every failure above raised
         raise VirtError(ErrorCode.INTERNAL_ERROR, "snapshot switched no disk")
-    live = _commit_live(driver, rec, plan, done)
+    live = _commit_live(driver, rec, plan, done, prepared)
     if failure is not None:
         raise failure
     if thaw_error is not None:
@@ -343,9 +348,43 @@ def _after_live(
     return status, config
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """What a snapshot of every overlay of a plan writes once QEMU switched them."""
+
+    domain: Domain
+    status: PreparedStatus
+    config: str | None
+
+
+def _prepare_commit(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> _Prepared | None:
+    """The status and definition documents for when every overlay of ``plan``
+    is in place; None if they cannot be built (:func:`_commit_live` then builds
+    them again after QEMU's answer and raises what building raises)."""
+    try:
+        status, config = _after_live(rec, list(plan.overlays))
+        return _Prepared(
+            domain=status.domain,
+            status=driver.prepare_status(status),
+            config=format_domain(config, inactive=True) if config is not None else None,
+        )
+    except Exception:  # raised again by the path that does not prepare
+        _log.debug("preparing the snapshot's documents failed", exc_info=True)
+        return None
+
+
 def _commit_live(
-    driver: Driver, rec: DomainRecord, plan: SnapshotPlan, done: list[OverlayPlan]
+    driver: Driver,
+    rec: DomainRecord,
+    plan: SnapshotPlan,
+    done: list[OverlayPlan],
+    prepared: _Prepared | None = None,
 ) -> Domain:
+    if prepared is not None and len(done) == len(plan.overlays):
+        driver.write_prepared_status(rec.name, prepared.status)
+        if prepared.config is not None:
+            driver.write_config(rec.name, text=prepared.config)
+        return prepared.domain
     status, config = _after_live(rec, done)
     driver.write_status(rec.name, status)
     if config is not None:
