@@ -70,8 +70,9 @@ def test_a_lazy_verb_runs() -> None:
 
 
 def test_list_loads_no_block_job_layer(tmp_path: Path) -> None:
-    # `list` meets no job: the block-job and snapshot layers, QEMU's process
-    # module and difflib (click's option suggestions) stay unloaded
+    # `list` meets no job and logs nothing: the block-job and snapshot layers,
+    # the job model, QEMU's process module, logging and difflib (click's
+    # option suggestions) stay unloaded
     root = tmp_path / "root"
     script = (
         "import json, sys\n"
@@ -84,7 +85,15 @@ def test_list_loads_no_block_job_layer(tmp_path: Path) -> None:
     assert rc == 0
     assert "virtshift.libvirt" in modules
     loaded = set(modules)
-    for heavy in ("virtshift.runtime.blockjob", "virtshift.ops.snapshot", "subprocess", "difflib"):
+    heavy_modules = (
+        "virtshift.runtime.blockjob",
+        "virtshift.ops.snapshot",
+        "virtshift.model.job",
+        "subprocess",
+        "difflib",
+        "logging",
+    )
+    for heavy in heavy_modules:
         assert heavy not in loaded, heavy
 
 
@@ -100,3 +109,14 @@ def test_list_loads_no_block_job_layer(tmp_path: Path) -> None:
 )
 def test_only_leading_global_options_are_spelled_long(given: list[str], passed: list[str]) -> None:
     assert _long_globals(given) == passed
+
+
+def test_a_deferred_logger_logs_once_used(caplog: pytest.LogCaptureFixture) -> None:
+    from virtshift.logs import DEBUG, get_logger
+
+    log = get_logger("virtshift.test-deferred")
+    with caplog.at_level(DEBUG, logger="virtshift.test-deferred"):
+        assert log.isEnabledFor(DEBUG)
+        log.debug("seen %s", 1)
+    assert [r.getMessage() for r in caplog.records] == ["seen 1"]
+    assert [r.name for r in caplog.records] == ["virtshift.test-deferred"]

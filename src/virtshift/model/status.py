@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from virtshift.model.domain import Domain
-from virtshift.model.job import BlockJob
+
+if TYPE_CHECKING:  # a status without jobs never needs the job model
+    from virtshift.model.job import BlockJob
 
 __all__ = ["DomainState", "DomainStatus", "QemuCaps"]
 

@@ -17,7 +17,6 @@ interpret replies into models, or decide what to do on errors.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import stat
 import threading
@@ -32,10 +31,11 @@ if TYPE_CHECKING:  # asyncio (~20 ms) and socket (~4 ms): only QEMU-talking call
     import socket
 
 from virtshift.errors import ErrorCode, QMPError, VirtError
+from virtshift.logs import DEBUG, get_logger
 
 __all__ = ["Monitor", "Pending", "connect_unix"]
 
-_log = logging.getLogger("virtshift.qmp")
+_log = get_logger("virtshift.qmp")
 _T = TypeVar("_T")
 
 #: Unix socket paths longer than this do not fit ``sockaddr_un`` (108 bytes).
@@ -241,7 +241,7 @@ class Monitor:
         with self._client.listen(listener):
             async for event in listener:
                 msg = dict(event)
-                if _log.isEnabledFor(logging.DEBUG):
+                if _log.isEnabledFor(DEBUG):
                     _log.debug("event %s", json.dumps(msg))
                 with self._cond:
                     self._events.append(msg)
@@ -317,7 +317,7 @@ class Monitor:
     @staticmethod
     def _sent(command: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
         sent = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        if _log.isEnabledFor(logging.DEBUG):  # the dumps cost ~1 ms at 64 disks
+        if _log.isEnabledFor(DEBUG):  # the dumps cost ~1 ms at 64 disks
             _log.debug("send %s", json.dumps(sent))
         return sent
 
@@ -326,7 +326,7 @@ class Monitor:
         """``wait()``'s reply, or the :class:`QMPError` for how it failed."""
         from qemu.qmp import ExecuteError
 
-        debug = _log.isEnabledFor(logging.DEBUG)
+        debug = _log.isEnabledFor(DEBUG)
         try:
             reply = wait()
         except ExecuteError as err:

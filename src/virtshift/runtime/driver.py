@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
 import shutil
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virtshift.errors import ErrorCode, NoDomain, VirtError
+from virtshift.logs import get_logger
 from virtshift.model.domain import Disk, Domain
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
 from virtshift.ops.start import AGENT_PORT, KNOWN_FORMATS, chain_from_image_info, plan_start
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_EMULATOR", "DomainRecord", "Driver"]
 
-_log = logging.getLogger("virtshift.driver")
+_log = get_logger("virtshift.driver")
 
 DEFAULT_EMULATOR = "qemu-system-x86_64"
 #: QMP sockets in a domain's run directory (the paths are never read from files).

@@ -52,14 +52,17 @@ module does not check that a job's state makes sense (see
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
 from virtshift.errors import ErrorCode, VirtError
 from virtshift.model.domain import Disk, Domain, StorageSource
-from virtshift.model.job import BlockJob, JobState, JobType, Trigger
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
 from virtshift.xml.domain import domain_element, domain_from_element
+
+if TYPE_CHECKING:  # imported by the jobs' own functions: most statuses have none
+    from virtshift.model.job import BlockJob
 from virtshift.xml.safe import parse_document
 
 __all__ = ["fill_node_names", "format_status", "parse_status"]
@@ -238,6 +241,8 @@ def _mirror_from(el: etree._Element) -> StorageSource:
 
 
 def _job_from(el: etree._Element) -> BlockJob:
+    from virtshift.model.job import BlockJob, JobState, JobType, Trigger
+
     pending = el.get("pending")
     error = el.find("error")
     mirror = el.find("mirror")
