@@ -337,6 +337,7 @@ def test_submitted_command_answers_like_execute(conn, two_disks, root: Path) -> 
         busy = sum(i * i for i in range(20000))  # the caller's own work
         assert busy > 0
         assert pending.result() == {}
+        assert pending.done()
         assert mon.execute("query-status")["status"] == "paused"
         assert mon.submit("query-name").result() == mon.execute("query-name")
         bad = mon.submit("blockdev-del", {"node-name": "no-such-node"})
@@ -351,9 +352,9 @@ def test_submitted_command_answers_like_execute(conn, two_disks, root: Path) -> 
 def test_status_written_during_a_snapshot_reads_back_as_parsed(
     conn, two_disks, root: Path, monkeypatch
 ) -> None:
-    # a snapshot builds the new status while QEMU works and keeps what parsing
-    # the document gives; a later call in the same process uses that, and it
-    # must be what a fresh process reads from the file
+    # a snapshot builds the new status while QEMU works and, while QEMU is
+    # still busy, keeps what parsing the document gives; a later call in the
+    # same process then uses that, and it must be what a fresh process reads
     from virtshift.runtime.driver import Driver
 
     _base, top, _data = two_disks
@@ -365,19 +366,30 @@ def test_status_written_during_a_snapshot_reads_back_as_parsed(
         "</disks></domainsnapshot>",
         libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
     )
-    fresh = Driver(root).record("prep").status
-
-    def no_parsing(text: bytes) -> None:
-        raise AssertionError("the status written by the snapshot was parsed again")
-
-    monkeypatch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
-    kept = conn._driver.record("prep").status
-    assert kept is not None
-    assert fresh is not None
-    assert kept == fresh
-    assert [layer.path for layer in kept.domain.disks[0].source.chain()] == [
+    drv = conn._driver
+    after = drv.record("prep").status
+    assert after == Driver(root).record("prep").status
+    assert [layer.path for layer in after.domain.disks[0].source.chain()] == [
         str(overlay),
         str(top),
         str(_base),
     ]
+
+    def no_parsing(text: bytes) -> None:
+        raise AssertionError("the status was parsed again")
+
+    # with time to spare the written status is kept parsed ...
+    drv.write_prepared_status("prep", drv.prepare_status(after, spare=lambda: True))
+    fresh = Driver(root).record("prep").status
+    with monkeypatch.context() as patch:
+        patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
+        kept = drv.record("prep").status
+    assert kept == fresh
+    # ... without, it is not, and the next read parses the new file
+    drv.write_prepared_status("prep", drv.prepare_status(after, spare=lambda: False))
+    with monkeypatch.context() as patch:
+        patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
+        with pytest.raises(AssertionError, match="parsed again"):
+            drv.record("prep")
+    assert drv.record("prep").status == fresh
     dom.destroy()

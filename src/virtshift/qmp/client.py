@@ -137,6 +137,10 @@ class Pending:
         self._fut = fut
         self._timeout = timeout
 
+    def done(self) -> bool:
+        """True once the reply (or the failure) is in."""
+        return self._fut.done()
+
     def result(self) -> Any:
         """QEMU's ``return`` value.
 

@@ -635,21 +635,28 @@ class Driver:
         """Replace the status of a running domain (caller holds the domain lock)."""
         self._write_status(name, status)
 
-    def prepare_status(self, status: DomainStatus) -> PreparedStatus:
-        """Everything :meth:`write_prepared_status` needs but the write: the text,
-        and what reading it back gives (done while QEMU works on a command)."""
+    def prepare_status(
+        self, status: DomainStatus, *, spare: Callable[[], bool] = lambda: True
+    ) -> PreparedStatus:
+        """Everything :meth:`write_prepared_status` needs but the write (done
+        while QEMU works on a command): the text and, while ``spare()`` says
+        QEMU is still working, what reading it back gives, so that the next
+        call in this process need not parse it."""
         status = dataclasses.replace(status, caps=self._store_caps(status.caps))
         text = format_status(status)
-        return PreparedStatus(text=text, read_back=self._parse_status(text.encode()))
+        read_back = self._parse_status(text.encode()) if spare() else None
+        return PreparedStatus(text=text, read_back=read_back)
 
     def write_prepared_status(self, name: str, prepared: PreparedStatus) -> None:
         """Write a status made by :meth:`prepare_status` (caller holds the domain
-        lock); the next read in this process finds it parsed."""
+        lock); the next read in this process finds it parsed, if it was."""
         path = self.status_path(name)
         write_atomic(path, prepared.text)
-        # the lock keeps every other writer out, so the file is still ours
-        st = os.lstat(path)
-        self._parsed[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), prepared.read_back)
+        if prepared.read_back is not None:
+            # the lock keeps every other writer out, so the file is still ours
+            st = os.lstat(path)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self._parsed[path] = (key, prepared.read_back)
 
     def write_config(
         self, name: str, config: Domain | None = None, *, text: str | None = None
@@ -845,8 +852,9 @@ class PreparedStatus:
 
     #: The document.
     text: str
-    #: What parsing the document gives (as :meth:`Driver._cached` would keep it).
-    read_back: DomainStatus
+    #: What parsing the document gives (as :meth:`Driver._cached` would keep
+    #: it); None when there was no time to spare for it.
+    read_back: DomainStatus | None
 
 
 def _reap(pid: int) -> None:

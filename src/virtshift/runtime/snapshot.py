@@ -249,7 +249,7 @@ def take_live(
             try:
                 pending = mon.submit("transaction", {"actions": transaction_actions(plan)})
                 # what the success will write, built while QEMU switches the disks
-                prepared = _prepare_commit(driver, rec, plan)
+                prepared = _prepare_commit(driver, rec, plan, busy=lambda: not pending.done())
                 pending.result()
             except VirtError as err:
                 if not (isinstance(err, QMPError) and err.unanswered and _ran(mon, rec, plan, err)):
@@ -357,16 +357,23 @@ class _Prepared:
     config: str | None
 
 
-def _prepare_commit(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> _Prepared | None:
+def _prepare_commit(
+    driver: Driver, rec: DomainRecord, plan: SnapshotPlan, *, busy: Callable[[], bool]
+) -> _Prepared | None:
     """The status and definition documents for when every overlay of ``plan``
     is in place; None if they cannot be built (:func:`_commit_live` then builds
-    them again after QEMU's answer and raises what building raises)."""
+    them again after QEMU's answer and raises what building raises).
+
+    :param busy: True while QEMU is still working on the transaction: the
+        status is parsed back for the next call only then, never making the
+        caller wait longer than QEMU does."""
     try:
         status, config = _after_live(rec, list(plan.overlays))
+        config_text = format_domain(config, inactive=True) if config is not None else None
         return _Prepared(
             domain=status.domain,
-            status=driver.prepare_status(status),
-            config=format_domain(config, inactive=True) if config is not None else None,
+            status=driver.prepare_status(status, spare=busy),
+            config=config_text,
         )
     except Exception:  # raised again by the path that does not prepare
         _log.debug("preparing the snapshot's documents failed", exc_info=True)
