@@ -7,6 +7,7 @@ and the schema ``corpus/libvirt/schemas/domain.rng``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import uuid
 from pathlib import Path
@@ -1026,3 +1027,31 @@ def test_serializer_declares_namespaces_wherever_one_is_in_scope() -> None:
     )
     plain = etree.fromstring(b"<a><b xml:lang='en'>t</b></a>")
     assert serialize_document(plain) == "<a>\n  <b xml:lang='en'>t</b>\n</a>\n"
+
+
+def _nested_backing_stores() -> list[tuple[str, int]]:
+    found = []
+    for path in sorted(_CORPUS.rglob("*.xml")):
+        root = etree.fromstring(path.read_bytes())
+        for pos, bs in enumerate(root.iter("backingStore")):
+            if bs.find("backingStore") is not None and len(bs.find("backingStore")) > 0:
+                found.append((str(path), pos))
+    return found
+
+
+@pytest.mark.parametrize(("path", "pos"), _nested_backing_stores())
+def test_a_layer_copy_keeps_everything_but_the_rest_of_the_chain(path: str, pos: int) -> None:
+    # formatting copies one <backingStore> per level and rebuilds the nested
+    # one; the copy must be the element itself with the nested one in place
+    from virtshift.xml.domain import _copy_layer
+
+    bs = list(etree.fromstring(Path(path).read_bytes()).iter("backingStore"))[pos]
+    copied = _copy_layer(bs)
+    nested = bs.find("backingStore")
+    assert nested is not None
+    stand_in = copied.find("backingStore")
+    assert stand_in is not None
+    assert len(stand_in) == 0
+    assert list(copied).index(stand_in) == list(bs).index(nested)
+    copied.replace(stand_in, copy.deepcopy(nested))
+    assert etree.tostring(copied) == etree.tostring(copy.deepcopy(bs))

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import threading
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
 from typing import Final
@@ -188,57 +189,68 @@ def _network(src: etree._Element | None, typ: str) -> tuple[str | None, str | No
     return src.get("protocol"), src.get("name")
 
 
-def _chain_below(parent: etree._Element) -> tuple[StorageSource | None, bool]:
+def _chain_below(parent: etree._Element, nodes: bool = False) -> tuple[StorageSource | None, bool]:
     """The layer under ``parent`` (a disk, mirror or backingStore) and the end flag."""
     bs = parent.find("backingStore")
     if bs is None:
         return None, False
     if _is_end_marker(bs):
         return None, True
-    return _layer_from_backing(bs), False
+    return _layer_from_backing(bs, nodes), False
 
 
-def _layer_from_backing(bs: etree._Element) -> StorageSource:
+def _node_name(index: int | None, nodes: bool) -> str | None:
+    """QEMU's node name of an indexed layer (only in status files, ``nodes``)."""
+    return f"libvirt-{index}-format" if nodes and index is not None else None
+
+
+def _layer_from_backing(bs: etree._Element, nodes: bool = False) -> StorageSource:
     typ = bs.get("type", _DEFAULT_LAYER_TYPE)
     src = bs.find("source")
     fmt = bs.find("format")
     protocol, name = _network(src, typ)
-    backing, end = _chain_below(bs)
+    backing, end = _chain_below(bs, nodes)
+    index = _uint(bs.get("index"), "backing store index")
     return StorageSource(
         type=typ,
         path=_source_path(src, typ),
         format=fmt.get("type") if fmt is not None else None,
         protocol=protocol,
         name=name,
-        index=_uint(bs.get("index"), "backing store index"),
+        index=index,
         backing=backing,
         backing_end=end,
+        node_name=_node_name(index, nodes),
         tree=bs,
     )
 
 
-def _top_layer(owner: etree._Element, typ: str, fmt: str | None) -> StorageSource:
+def _top_layer(
+    owner: etree._Element, typ: str, fmt: str | None, nodes: bool = False
+) -> StorageSource:
     src = owner.find("source")
     protocol, name = _network(src, typ)
-    backing, end = _chain_below(owner)
+    backing, end = _chain_below(owner, nodes)
+    index = _uint(src.get("index"), "disk source index") if src is not None else None
     return StorageSource(
         type=typ,
         path=_source_path(src, typ),
         format=fmt,
         protocol=protocol,
         name=name,
-        index=_uint(src.get("index"), "disk source index") if src is not None else None,
+        index=index,
         backing=backing,
         backing_end=end,
+        node_name=_node_name(index, nodes),
         tree=src,
     )
 
 
-def _mirror_from_element(el: etree._Element) -> Mirror:
+def _mirror_from_element(el: etree._Element, nodes: bool = False) -> Mirror:
     typ = el.get("type", _DEFAULT_LAYER_TYPE)
     fmt_el = el.find("format")
     fmt = fmt_el.get("type") if fmt_el is not None else el.get("format")
-    source = _top_layer(el, typ, fmt)
+    source = _top_layer(el, typ, fmt, nodes)
     if el.find("source") is None and typ in _PATH_ATTR:
         # Old form: <mirror file='...' format='...'/>.
         source = dataclasses.replace(source, path=el.get("file"))
@@ -247,7 +259,8 @@ def _mirror_from_element(el: etree._Element) -> Mirror:
     )
 
 
-def _disk_from_element(el: etree._Element) -> Disk:
+def _disk_from_element(el: etree._Element, nodes: bool = False) -> Disk:
+    """The disk of ``el``; ``nodes``: with the node names of a status file."""
     typ = el.get("type", _DEFAULT_DISK_TYPE)
     driver = el.find("driver")
     target = el.find("target")
@@ -260,12 +273,12 @@ def _disk_from_element(el: etree._Element) -> Disk:
         driver_name=driver.get("name") if driver is not None else None,
         target=(target.get("dev") or "") if target is not None else "",
         bus=target.get("bus") if target is not None else None,
-        source=_top_layer(el, typ, driver.get("type") if driver is not None else None),
+        source=_top_layer(el, typ, driver.get("type") if driver is not None else None, nodes),
         readonly=el.find("readonly") is not None,
         serial=(serial.text or None) if serial is not None else None,
         snapshot=el.get("snapshot"),
         alias=alias.get("name") if alias is not None else None,
-        mirror=_mirror_from_element(mirror) if mirror is not None else None,
+        mirror=_mirror_from_element(mirror, nodes) if mirror is not None else None,
         tree=el,
     )
 
@@ -317,14 +330,14 @@ def _head_from_element(root: etree._Element) -> Domain:
     )
 
 
-def _domain_from_element(root: etree._Element) -> Domain:
+def _domain_from_element(root: etree._Element, nodes: bool = False) -> Domain:
     head = _head_from_element(root)
     devices = root.find("devices")
     if devices is None:
         return head
     return dataclasses.replace(
         head,
-        disks=tuple(_disk_from_element(d) for d in devices.findall("disk")),
+        disks=tuple(_disk_from_element(d, nodes) for d in devices.findall("disk")),
         channels=tuple(_channel_from_element(c) for c in devices.findall("channel")),
     )
 
@@ -352,14 +365,16 @@ def parse_domain(text: str | bytes) -> Domain:
     return dom
 
 
-def domain_from_element(root: etree._Element) -> Domain:
+def domain_from_element(root: etree._Element, *, node_names: bool = False) -> Domain:
     """Like :func:`parse_domain`, for a ``<domain>`` element of a document that
     :func:`~virtshift.xml.safe.parse_document` already read (a status file's);
     the element becomes the model's ``tree`` and must hold a UUID.
 
+    :param node_names: give every indexed layer (disks and mirrors) QEMU's
+        node name ``libvirt-INDEX-format``, as a status file's domain has.
     :raise VirtError: as :func:`parse_domain`.
     """
-    dom = _domain_from_element(root)
+    dom = _domain_from_element(root, node_names)
     if not dom.uuid:
         raise _xml_error("missing domain uuid")
     validate_domain(dom)
@@ -686,6 +701,27 @@ def _source_element(
     return src
 
 
+def _copy_layer(bs: etree._Element) -> etree._Element:
+    """A copy of one ``<backingStore>`` whose nested ``<backingStore>`` (the
+    rest of the chain, rebuilt by the caller) is an empty stand-in in its
+    place: copying the whole rest at every level made a chain of depth N
+    cost N**2 element copies."""
+    nested = [c for c in bs if c.tag == "backingStore"]
+    if not nested or len(nested[0]) == 0 or bs.nsmap:
+        return copy.deepcopy(bs)
+    new = etree.Element("backingStore")
+    for key, value in bs.attrib.items():
+        new.set(key, value)
+    new.text, new.tail = bs.text, bs.tail
+    for child in bs:
+        if child is nested[0]:
+            stand_in = etree.SubElement(new, "backingStore")
+            stand_in.tail = child.tail
+        else:
+            new.append(copy.deepcopy(child))
+    return new
+
+
 def _backing_element(
     layer: StorageSource | None,
     end: bool,
@@ -698,7 +734,7 @@ def _backing_element(
         return etree.Element("backingStore") if end else None
     bs_template, src_template = _templates(layer, old)
     if bs_template is not None:
-        bs = copy.deepcopy(bs_template)
+        bs = _copy_layer(bs_template)
         _sync_attr(bs, "type", layer.type, _DEFAULT_LAYER_TYPE)
     else:
         bs = etree.Element("backingStore")
@@ -803,10 +839,33 @@ def _write_alias(el: etree._Element, alias: str | None, order: Sequence[str]) ->
         _set_attr(_child(el, "alias", order), "name", alias)
 
 
+#: What each recently formatted disk's tree says (:func:`_tree_disk`), by the
+#: tree's id, with the tree itself (so that the id is not reused meanwhile).
+_TREE_DISKS: dict[int, tuple[etree._Element, Disk]] = {}
+_TREE_DISKS_MAX: Final = 1024
+_TREE_DISKS_LOCK = threading.Lock()
+
+
+def _tree_disk(tree: etree._Element) -> Disk:
+    """``_disk_from_element(tree)``, remembered: one call formats the same
+    parsed disks more than once (the live status, the snapshot's domain), and
+    parsed trees are never changed (formatting works on copies)."""
+    with _TREE_DISKS_LOCK:
+        hit = _TREE_DISKS.get(id(tree))
+    if hit is not None and hit[0] is tree:
+        return hit[1]
+    disk = _disk_from_element(tree)
+    with _TREE_DISKS_LOCK:
+        while len(_TREE_DISKS) >= _TREE_DISKS_MAX:
+            del _TREE_DISKS[next(iter(_TREE_DISKS))]
+        _TREE_DISKS[id(tree)] = (tree, disk)
+    return disk
+
+
 def _disk_element(disk: Disk, *, inactive: bool) -> etree._Element:
     if disk.tree is not None:
         el: etree._Element = copy.deepcopy(disk.tree)
-        orig: Disk | None = _disk_from_element(disk.tree)
+        orig: Disk | None = _tree_disk(disk.tree)
     else:
         el = etree.Element("disk")
         orig = None

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from virtshift.errors import ErrorCode, VirtError
-from virtshift.model.domain import Disk, Domain, StorageSource
+from virtshift.model.domain import StorageSource
 from virtshift.model.status import DomainState, DomainStatus, QemuCaps
 from virtshift.xml.domain import domain_element, domain_from_element
 
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # imported by the jobs' own functions: most statuses have non
     from virtshift.model.job import BlockJob
 from virtshift.xml.safe import parse_document
 
-__all__ = ["fill_node_names", "format_status", "parse_status"]
+__all__ = ["format_status", "parse_status"]
 
 
 def format_status(status: DomainStatus) -> str:
@@ -270,6 +270,7 @@ def _job_from(el: etree._Element) -> BlockJob:
 
 
 def _layer_nodes(layer: StorageSource | None) -> StorageSource | None:
+    """``layer`` and below with the node names their indexes give."""
     if layer is None:
         return None
     return dataclasses.replace(
@@ -277,21 +278,6 @@ def _layer_nodes(layer: StorageSource | None) -> StorageSource | None:
         node_name=f"libvirt-{layer.index}-format" if layer.index is not None else None,
         backing=_layer_nodes(layer.backing),
     )
-
-
-def fill_node_names(domain: Domain) -> Domain:
-    """Set every indexed layer's node name from its index."""
-    disks: list[Disk] = []
-    for d in domain.disks:
-        src = _layer_nodes(d.source)
-        assert src is not None
-        mirror = d.mirror
-        if mirror is not None:
-            msrc = _layer_nodes(mirror.source)
-            assert msrc is not None
-            mirror = dataclasses.replace(mirror, source=msrc)
-        disks.append(dataclasses.replace(d, source=src, mirror=mirror))
-    return dataclasses.replace(domain, disks=tuple(disks))
 
 
 def parse_status(text: str | bytes) -> DomainStatus:
@@ -310,7 +296,7 @@ def parse_status(text: str | bytes) -> DomainStatus:
         dom_el = root.find("domain")
         if vs is None or qemu is None or dom_el is None:
             raise ValueError("incomplete status document")
-        domain = fill_node_names(domain_from_element(dom_el))
+        domain = domain_from_element(dom_el, node_names=True)
         jobs_el = root.find("blockjobs")
         jobs = () if jobs_el is None else tuple(_job_from(j) for j in jobs_el.findall("blockjob"))
         return DomainStatus(
