@@ -142,8 +142,9 @@ def _check_reused_backing(ov: OverlayPlan, top: StorageSource) -> None:
     assert top.path is not None
     if (
         backing is None
-        or os.path.realpath(backing) != os.path.realpath(top.path)
         or bfmt != (top.format or "raw")
+        # the same name is the same file; only other names need resolving
+        or (backing != top.path and os.path.realpath(backing) != os.path.realpath(top.path))
     ):
         raise VirtError(
             ErrorCode.OPERATION_INVALID,
