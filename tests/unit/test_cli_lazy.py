@@ -103,7 +103,8 @@ def test_list_loads_no_block_job_layer(tmp_path: Path) -> None:
         (["-c", "URI", "list", "-c"], ["--connect", "URI", "list", "-c"]),
         (["-d", "-c", "-d", "list"], ["--debug", "--connect", "-d", "list"]),
         (["list", "-d"], ["list", "-d"]),
-        (["-c"], ["--connect"]),
+        (["-c"], ["-c"]),
+        (["-d", "-c"], ["--debug", "-c"]),
         ([], []),
     ],
 )

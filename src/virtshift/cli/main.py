@@ -545,9 +545,14 @@ def _long_globals(args: list[str]) -> list[str]:
     out = list(args)
     i = 0
     while i < len(out) and out[i] in ("-c", "-d"):
-        takes_value = out[i] == "-c"
-        out[i] = "--connect" if takes_value else "--debug"
-        i += 2 if takes_value else 1
+        if out[i] == "-d":
+            out[i] = "--debug"
+            i += 1
+        elif i + 1 < len(out):
+            out[i] = "--connect"
+            i += 2
+        else:  # no URI follows: click's error then names -c as typed
+            break
     return out
 
 
