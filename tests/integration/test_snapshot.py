@@ -296,6 +296,40 @@ def _agent_path(dom) -> str:
     return doc.find("devices/channel/source").get("path")
 
 
+def test_status_is_built_while_qemu_works_but_not_while_the_guest_is_frozen(
+    conn, images: Path, monkeypatch
+) -> None:
+    # without QUIESCE the new status is built between sending the transaction
+    # and its reply; with it, only after the thaw, so the guest stays frozen
+    # no longer than QEMU takes
+    from virtshift.runtime.driver import Driver
+
+    dom = make_domain(conn, images, 2, agent=True)
+    agent = FakeAgent(_agent_path(dom), probe=lambda: False)
+    real = Driver.prepare_status
+
+    def prepare_status(self, status, **kw):  # type: ignore[no-untyped-def]
+        agent.calls.append(("prepare_status", False))
+        return real(self, status, **kw)
+
+    monkeypatch.setattr(Driver, "prepare_status", prepare_status)
+    try:
+        dom.snapshotCreateXML("<domainsnapshot><name>plain</name></domainsnapshot>", DISK_ONLY)
+        assert [c[0] for c in agent.calls] == ["prepare_status"]
+        agent.calls.clear()
+        dom.snapshotCreateXML(
+            "<domainsnapshot><name>frozen</name></domainsnapshot>", DISK_ONLY | QUIESCE
+        )
+        assert [c[0] for c in agent.calls if c[0] != "guest-sync"] == [
+            "guest-fsfreeze-freeze",
+            "guest-fsfreeze-thaw",
+        ]
+        chains = xml_chains(dom.XMLDesc(0))
+        assert chains["vda"][:2] == [str(images / "vda.frozen"), str(images / "vda.plain")]
+    finally:
+        agent.close()
+
+
 def test_quiesce_order_and_thaw_on_failure(conn, images: Path, root: Path) -> None:
     dom = make_domain(conn, images, 2, agent=True)
     overlay = images / "vda.q1"

@@ -249,8 +249,11 @@ def take_live(
             faults.point("snapshot-before-transaction")
             try:
                 pending = mon.submit("transaction", {"actions": transaction_actions(plan)})
-                # what the success will write, built while QEMU switches the disks
-                prepared = _prepare_commit(driver, rec, plan, busy=lambda: not pending.done())
+                if agent is None:
+                    # what the success will write, built while QEMU switches the
+                    # disks (not while the guest is frozen: that must end as
+                    # soon as QEMU answers)
+                    prepared = _prepare_commit(driver, rec, plan, busy=lambda: not pending.done())
                 pending.result()
             except VirtError as err:
                 if not (isinstance(err, QMPError) and err.unanswered and _ran(mon, rec, plan, err)):
