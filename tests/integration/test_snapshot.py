@@ -296,6 +296,27 @@ def _agent_path(dom) -> str:
     return doc.find("devices/channel/source").get("path")
 
 
+def test_metadata_files_are_what_formatting_the_definitions_gives(
+    conn, images: Path, root: Path
+) -> None:
+    # the new snapshot's file is the text formatted once for its intent, and
+    # the old current one's is rewritten from its own text with <active>
+    # flipped: both must be exactly what formatting their definitions gives
+    from virtshift.xml.snapshot import format_snapshot, parse_snapshot
+
+    dom = make_domain(conn, images, 2)
+    for name in ("m1", "m2", "m3"):
+        dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", DISK_ONLY)
+    files = {p.stem: p.read_text() for p in (root / "lib/qemu/snapshot/vm").glob("*.xml")}
+    assert sorted(files) == ["m1", "m2", "m3"]
+    for name, text in files.items():
+        snap = parse_snapshot(text, redefine=True, internal=True)
+        assert bool(snap.current) == (name == "m3")
+        assert text.endswith(f"<active>{1 if name == 'm3' else 0}</active>\n</domainsnapshot>\n")
+        assert format_snapshot(snap, internal=True) == text
+    dom.destroy()
+
+
 def test_status_is_built_while_qemu_works_but_not_while_the_guest_is_frozen(
     conn, images: Path, monkeypatch
 ) -> None:
