@@ -68,7 +68,11 @@ class _Loop:
 def _run(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
     import asyncio
 
-    fut = asyncio.run_coroutine_threadsafe(coro, _Loop.get())
+    return _wait(asyncio.run_coroutine_threadsafe(coro, _Loop.get()), timeout)
+
+
+def _wait(fut: concurrent.futures.Future[_T], timeout: float | None) -> _T:
+    """``fut``'s result; on time-out the coroutine behind it is cancelled."""
     try:
         return fut.result(timeout)
     except TimeoutError:
@@ -116,6 +120,35 @@ def _check_socket(path: str) -> None:
         )
 
 
+def _answer(command: str, sent: dict[str, Any], wait: Callable[[], Any]) -> Any:
+    """``wait()``'s reply, or the :class:`QMPError` for how it failed."""
+    from qemu.qmp import ExecuteError
+
+    debug = _log.isEnabledFor(DEBUG)
+    try:
+        reply = wait()
+    except ExecuteError as err:
+        received = dict(err.received)
+        if debug:
+            _log.debug("error %s", json.dumps(received))
+        raise QMPError(
+            command,
+            str(err),
+            error_class=err.error_class,
+            sent=sent,
+            received=received,
+        ) from err
+    except TimeoutError as err:
+        raise QMPError(
+            command, "no reply from QEMU in time", sent=sent, code=ErrorCode.OPERATION_TIMEOUT
+        ) from err
+    except Exception as err:
+        raise QMPError(command, f"monitor connection failed: {err}", sent=sent) from err
+    if debug:
+        _log.debug("reply %s", json.dumps(reply))
+    return reply
+
+
 async def _turn() -> None:
     """Nothing: one turn of the loop thread (see :meth:`Monitor.submit`)."""
 
@@ -125,13 +158,11 @@ class Pending:
 
     def __init__(
         self,
-        monitor: Monitor,
         command: str,
         sent: dict[str, Any],
         fut: concurrent.futures.Future[Any],
         timeout: float,
     ) -> None:
-        self._monitor = monitor
         self._command = command
         self._sent = sent
         self._fut = fut
@@ -146,15 +177,7 @@ class Pending:
 
         :raise QMPError: as :meth:`Monitor.execute`.
         """
-
-        def wait() -> Any:
-            try:
-                return self._fut.result(self._timeout)
-            except TimeoutError:
-                self._fut.cancel()
-                raise
-
-        return self._monitor._answer(self._command, self._sent, wait)
+        return _answer(self._command, self._sent, lambda: _wait(self._fut, self._timeout))
 
 
 class Monitor:
@@ -290,9 +313,7 @@ class Monitor:
         """
         sent = self._sent(command, arguments)
         wait = timeout if timeout else self.timeout
-        return self._answer(
-            command, sent, lambda: _run(self._client.execute(command, arguments), wait)
-        )
+        return _answer(command, sent, lambda: _run(self._client.execute(command, arguments), wait))
 
     def submit(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -316,7 +337,7 @@ class Monitor:
         # it for the GIL).
         for _ in range(2):
             _run(_turn(), self.timeout)
-        return Pending(self, command, sent, fut, timeout if timeout else self.timeout)
+        return Pending(command, sent, fut, timeout if timeout else self.timeout)
 
     @staticmethod
     def _sent(command: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
@@ -324,35 +345,6 @@ class Monitor:
         if _log.isEnabledFor(DEBUG):  # the dumps cost ~1 ms at 64 disks
             _log.debug("send %s", json.dumps(sent))
         return sent
-
-    @staticmethod
-    def _answer(command: str, sent: dict[str, Any], wait: Callable[[], Any]) -> Any:
-        """``wait()``'s reply, or the :class:`QMPError` for how it failed."""
-        from qemu.qmp import ExecuteError
-
-        debug = _log.isEnabledFor(DEBUG)
-        try:
-            reply = wait()
-        except ExecuteError as err:
-            received = dict(err.received)
-            if debug:
-                _log.debug("error %s", json.dumps(received))
-            raise QMPError(
-                command,
-                str(err),
-                error_class=err.error_class,
-                sent=sent,
-                received=received,
-            ) from err
-        except TimeoutError as err:
-            raise QMPError(
-                command, "no reply from QEMU in time", sent=sent, code=ErrorCode.OPERATION_TIMEOUT
-            ) from err
-        except Exception as err:
-            raise QMPError(command, f"monitor connection failed: {err}", sent=sent) from err
-        if debug:
-            _log.debug("reply %s", json.dumps(reply))
-        return reply
 
     def execute_raw(self, text: str) -> dict[str, Any]:
         """Pass a QMP JSON command through; return the whole reply (pass-through API).
