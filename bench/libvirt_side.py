@@ -158,6 +158,7 @@ def op_mig_rep(req):
         )
     top = os.path.join(src, "top.qcow2")
     img("rebase", "-u", "-f", "qcow2", "-b", os.path.join(src, "base.qcow2"), "-F", "qcow2", top)
+    os.sync()  # as virtshift_bench._mig_prepare: the prepared files are on disk first
     dom = conn().createXML(domain_xml(req["name"], [top]), libvirt.VIR_DOMAIN_START_PAUSED)
     writer = Writer(dom) if busy else None
     phases = {}
