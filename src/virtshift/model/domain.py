@@ -49,6 +49,11 @@ class StorageSource:
     #: The element this layer was parsed from (``<source>`` for the top layer,
     #: ``<backingStore>`` below); formatting starts from a copy of it.
     tree: Any = field(default=None, repr=False, compare=False)
+    #: True only for a ``<backingStore>`` layer exactly as a status document
+    #: (virtshift's own, formatted by it) was parsed: nothing of it or below
+    #: can have changed (a changed layer is a new object, False), so
+    #: formatting it again gives its ``tree``, which is then copied as it is.
+    as_parsed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def chain(self) -> list[StorageSource]:
         """The layers from this one down, top first."""

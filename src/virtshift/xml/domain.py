@@ -211,7 +211,7 @@ def _layer_from_backing(bs: etree._Element, nodes: bool = False) -> StorageSourc
     protocol, name = _network(src, typ)
     backing, end = _chain_below(bs, nodes)
     index = _uint(bs.get("index"), "backing store index")
-    return StorageSource(
+    layer = StorageSource(
         type=typ,
         path=_source_path(src, typ),
         format=fmt.get("type") if fmt is not None else None,
@@ -223,6 +223,9 @@ def _layer_from_backing(bs: etree._Element, nodes: bool = False) -> StorageSourc
         node_name=_node_name(index, nodes),
         tree=bs,
     )
+    if nodes:  # a status document: formatted by virtshift (see StorageSource.as_parsed)
+        object.__setattr__(layer, "as_parsed", True)
+    return layer
 
 
 def _top_layer(
@@ -335,9 +338,14 @@ def _domain_from_element(root: etree._Element, nodes: bool = False) -> Domain:
     devices = root.find("devices")
     if devices is None:
         return head
+    disks = tuple(_disk_from_element(d, nodes) for d in devices.findall("disk"))
+    if nodes:
+        # a status document's disks are formatted again soon (the next status,
+        # a snapshot's domain): what each tree says is known now
+        _remember_tree_disks(disks)
     return dataclasses.replace(
         head,
-        disks=tuple(_disk_from_element(d, nodes) for d in devices.findall("disk")),
+        disks=disks,
         channels=tuple(_channel_from_element(c) for c in devices.findall("channel")),
     )
 
@@ -732,6 +740,12 @@ def _backing_element(
     """The ``<backingStore>`` for ``layer`` and below (an end marker, or None)."""
     if layer is None:
         return etree.Element("backingStore") if end else None
+    if layer.as_parsed:
+        # what formatting it gives is what it was parsed from (a new snapshot
+        # keeps the whole chain below the old top as it was): one C-level copy
+        # instead of a Python pass over every layer
+        copied: etree._Element = copy.deepcopy(layer.tree)
+        return copied
     bs_template, src_template = _templates(layer, old)
     if bs_template is not None:
         bs = _copy_layer(bs_template)
@@ -846,6 +860,16 @@ _TREE_DISKS_MAX: Final = 1024
 _TREE_DISKS_LOCK = threading.Lock()
 
 
+def _remember_tree_disks(disks: Iterable[Disk]) -> None:
+    """Keep what each disk's tree says, as :func:`_tree_disk` would find it
+    (node names differ, but nothing compared with it reaches the XML)."""
+    with _TREE_DISKS_LOCK:
+        for disk in disks:
+            while len(_TREE_DISKS) >= _TREE_DISKS_MAX:
+                del _TREE_DISKS[next(iter(_TREE_DISKS))]
+            _TREE_DISKS[id(disk.tree)] = (disk.tree, disk)
+
+
 def _tree_disk(tree: etree._Element) -> Disk:
     """``_disk_from_element(tree)``, remembered: one call formats the same
     parsed disks more than once (the live status, the snapshot's domain), and
@@ -893,7 +917,7 @@ def _disk_element(disk: Disk, *, inactive: bool) -> etree._Element:
             if not driver.attrib and len(driver) == 0:
                 el.remove(driver)
 
-    if orig is None or _layer_key(top) != _layer_key(orig.source):
+    if orig is None or (top is not orig.source and _layer_key(top) != _layer_key(orig.source)):
         chains = [orig.source] if orig is not None else []
         if orig is not None and orig.mirror is not None:
             chains.append(orig.mirror.source)
@@ -1044,7 +1068,7 @@ def format_domain(dom: Domain, *, inactive: bool = False) -> str:
         XML (control characters); ``XML_ERROR`` if the UUID is malformed.
     :return: the document, ending with a newline.
     """
-    return serialize_document(_domain_element(dom, inactive=inactive))
+    return serialize_document(_domain_element(dom, inactive=inactive), owned=True)
 
 
 def parse_disk_source(text: str | bytes) -> StorageSource:

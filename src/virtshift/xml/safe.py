@@ -276,14 +276,91 @@ def _has_namespaces(root: etree._Element) -> bool:
     return bool(root.xpath("boolean(descendant-or-self::*/namespace::*[name() != 'xml'])"))
 
 
-def serialize_document(root: etree._Element) -> str:
+#: A tag in lxml's output of a tree without comments, processing instructions
+#: or CDATA, with a quote in it: there, ``<`` and ``>`` only delimit tags (text
+#: and attribute values carry them escaped).
+_QUOTED_TAG: Final = re.compile(r'<[^>]*"[^>]*>')
+
+
+def _requote(match: re.Match[str]) -> str:
+    # inside a tag lxml writes, '"' only delimits values and "'" is only in one
+    return match.group(0).replace("'", "&apos;").replace('"', "'")
+
+
+def _indent_in_place(node: etree._Element, level: int) -> None:
+    """Give ``node`` (pretty-printed at ``level``) the whitespace :func:`_write_node`
+    writes, so that lxml's serializer writes the same text; what
+    :func:`_write_node` writes verbatim is left as it is."""
+    if len(node) == 0:
+        text = node.text
+        if text is not None and (text == "" or ("\n" in text and not text.strip())):
+            node.text = None
+        return
+    if not _is_blank(node.text) or not all(_is_blank(c.tail) for c in node):
+        _empty_text_to_none(node)
+        return
+    inner = "\n" + _INDENT * (level + 1)
+    node.text = inner
+    child = node  # for the type checker: node has children
+    for child in node:
+        child.tail = inner
+        _indent_in_place(child, level + 1)
+    child.tail = "\n" + _INDENT * level
+
+
+def _empty_text_to_none(node: etree._Element) -> None:
+    """An empty leaf text is no text (``<a/>``, as :func:`_write_node` writes it;
+    lxml would write ``<a></a>``)."""
+    for el in node.iter():
+        if el.text == "" and len(el) == 0:
+            el.text = None
+
+
+#: An element whose text :func:`_write_node` does not simply re-indent: mixed
+#: content (non-blank text beside child elements), or a leaf whose text is
+#: blank (or empty).  Without any, lxml's ``indent`` does what it does.
+_UNEVEN: Final = etree.XPath(
+    "boolean(descendant-or-self::*[*][text()[normalize-space()]]"
+    " | descendant-or-self::*[not(*)][text()][not(normalize-space())])"
+)
+
+
+def _serialize_owned(root: etree._Element) -> str | None:
+    """:func:`serialize_document`'s text through lxml's C serializer, for a tree
+    without namespaces, comments, processing instructions or entities around or
+    in it; None for any other tree.  Rewrites the tree's indentation."""
+    if root.getprevious() is not None or root.getnext() is not None:
+        return None
+    for _odd in root.iter(etree.Comment, etree.ProcessingInstruction, etree.Entity):
+        return None
+    if _UNEVEN(root):
+        _indent_in_place(root, 0)
+    else:
+        etree.indent(root, space=_INDENT)
+    out = etree.tostring(root, encoding="unicode", with_tail=False)
+    if "&#13;" in out or "xmlns" in out:
+        # lxml writes a carriage return in text as a reference (_write_node as
+        # is), and namespace declarations where the tree has them
+        return None
+    return _QUOTED_TAG.sub(_requote, out) + "\n"
+
+
+def serialize_document(root: etree._Element, *, owned: bool = False) -> str:
     """Write ``root`` (and comments / processing instructions around it) as libvirt does.
 
     :param root: the document element.
+    :param owned: the caller built ``root`` for this call and does not use it
+        afterwards: its indentation may be rewritten, which lets most
+        documents be written by lxml's C serializer (the same text, an order of
+        magnitude sooner).
     :raise ValueError: if the tree uses a namespace without a prefix in scope
         (cannot happen for trees built with lxml).
     :return: the text, ending with a newline.
     """
+    if owned:
+        fast = _serialize_owned(root)
+        if fast is not None:
+            return fast
     out: list[str] = []
     top: dict[str | None, str] | None = {} if _has_namespaces(root) else None
     for sibling in reversed(list(root.itersiblings(preceding=True))):

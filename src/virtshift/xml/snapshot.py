@@ -788,7 +788,7 @@ def format_snapshot(
             root.append(ph.raw(f"<cookie>\n{_INDENT}</cookie>"))
     if internal:
         _text_child(root, "active", "1" if snap.current else "0", ph)
-    return ph.apply(serialize_document(root))
+    return ph.apply(serialize_document(root, owned=True))
 
 
 # --------------------------------------------------------------------------
