@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import pytest
 from lxml import etree
@@ -314,6 +315,55 @@ def test_metadata_files_are_what_formatting_the_definitions_gives(
         assert bool(snap.current) == (name == "m3")
         assert text.endswith(f"<active>{1 if name == 'm3' else 0}</active>\n</domainsnapshot>\n")
         assert format_snapshot(snap, internal=True) == text
+    dom.destroy()
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_intent_parts_give_the_document_the_call_writes(
+    conn, images: Path, root: Path, monkeypatch, persistent: bool
+) -> None:
+    # the intent keeps the new snapshot's document without its <domain>, and the
+    # file that domain was read from (the definition for a persistent domain, the
+    # status for a transient one); the document is formatted while QEMU works.
+    # What a recovery formats from those parts must be the very file the call wrote.
+    import virtshift.runtime.snapshot as runtime_snapshot
+
+    kept: list[dict] = []
+    real_remove = runtime_snapshot.remove_quietly
+
+    def keep_intent(path) -> None:
+        if Path(path).name == "snapshot-intent.json":
+            kept.append(json.loads(Path(path).read_text()))
+        real_remove(path)
+
+    monkeypatch.setattr(runtime_snapshot, "remove_quietly", keep_intent)
+    disks = [(t, make_image(images / f"{t}.qcow2"), "qcow2") for t in TARGETS[:3]]
+    xml = domain_xml("vm", disks)
+    dom = conn.defineXML(xml) if persistent else conn.createXML(xml, 0)
+    if persistent:
+        dom.create()
+    for name in ("p1", "p2"):
+        desc = "caf\u00e9 & <tea> 'quoted' \"too\""
+        dom.snapshotCreateXML(
+            f"<domainsnapshot><name>{name}</name><description>{escape(desc)}</description>"
+            "</domainsnapshot>",
+            DISK_ONLY | ATOMIC,
+        )
+    assert len(kept) == 2
+    for intent, name in zip(kept, ("p1", "p2"), strict=True):
+        assert intent["snapshot"] is None  # the document was not formatted before QEMU
+        parts = intent["snapshot_parts"]
+        assert parts["kind"] == ("config" if persistent else "status")
+        assert "<domain>" in parts["head"]
+        assert "<disk" not in parts["head"].split("<domain>")[1]
+        recovered = runtime_snapshot.SnapshotDocument.from_parts(
+            parts["head"], parts["kind"], parts["source"].encode()
+        )
+        written = (root / "lib/qemu/snapshot/vm" / f"{name}.xml").read_text()
+        if name == "p1":  # no longer current: only its <active> changed since
+            written = written.replace("<active>0</active>", "<active>1</active>")
+        assert recovered == written
+        assert "caf\u00e9 &amp; &lt;tea&gt;" in written
     dom.destroy()
 
 

@@ -137,7 +137,10 @@ class Driver:
         self.lock_dir = ensure_dir(self.root / "run" / "lock")
         self.log_dir = ensure_dir(self.root / "log" / "qemu")
         self.lib_dir = ensure_dir(self.root / "lib" / "qemu")
-        self._parsed: dict[Path, tuple[tuple[int, int, int], Any]] = {}
+        #: path -> (file key, what parsing it gave, its bytes): the bytes let a
+        #: snapshot's intent keep the definition it was taken from without
+        #: formatting it (see :meth:`source_of`)
+        self._parsed: dict[Path, tuple[tuple[int, int, int], Any, bytes]] = {}
         #: Capability cache entries on disk that this process read or wrote, by name.
         self._caps: dict[str, QemuCaps] = {}
         #: Called with (domain name, monitor) whenever :meth:`monitor` opens the
@@ -229,8 +232,23 @@ class Driver:
                 return hit[1]
             text = f.read()
         value = parse(text)
-        self._parsed[path] = (key, value)
+        self._parsed[path] = (key, value, text)
         return value
+
+    def source_of(self, name: str, domain: Domain) -> tuple[str, bytes] | None:
+        """The file ``domain`` was parsed from, if it is this domain's persistent
+        definition (``("config", bytes)``) or the domain of its status
+        (``("status", bytes)``) as last read by this driver; None otherwise
+        (a model built or changed since).  Parsing the bytes again gives an equal
+        model: see :func:`domain_from_source`."""
+        for kind, path in (("config", self.config_path(name)), ("status", self.status_path(name))):
+            hit = self._parsed.get(path)
+            if hit is None:
+                continue
+            value = hit[1]
+            if (value.domain if kind == "status" else value) is domain:
+                return kind, hit[2]
+        return None
 
     def _read_config(self, name: str) -> Domain | None:
         return self._cached(self.config_path(name), parse_domain)  # type: ignore[no-any-return]
@@ -656,7 +674,7 @@ class Driver:
             # the lock keeps every other writer out, so the file is still ours
             st = os.lstat(path)
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            self._parsed[path] = (key, prepared.read_back)
+            self._parsed[path] = (key, prepared.read_back, prepared.text.encode())
 
     def write_config(
         self, name: str, config: Domain | None = None, *, text: str | None = None
@@ -844,6 +862,16 @@ def _kill(pid: int, grace: float = 5.0) -> None:
                 return
             time.sleep(0.01)
     _reap(pid)
+
+
+def domain_from_source(kind: str, text: bytes) -> Domain:
+    """The domain :meth:`Driver.source_of` named: a persistent definition's
+    document (``config``) or a status document's domain (``status``)."""
+    if kind == "config":
+        return parse_domain(text)
+    if kind == "status":
+        return parse_status(text).domain
+    raise ValueError(f"unknown definition source {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)

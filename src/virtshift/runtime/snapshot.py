@@ -66,7 +66,7 @@ from virtshift.ops.snapshot import (
 from virtshift.qmp.agent import GuestAgent
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
-from virtshift.runtime.driver import DomainRecord, Driver, PreparedStatus
+from virtshift.runtime.driver import DomainRecord, Driver, PreparedStatus, domain_from_source
 from virtshift.store.files import remove_quietly, write_atomic
 from virtshift.store.images import read_layer
 from virtshift.store.snapshots import FileKeyT, IndexEntry, SnapshotStore
@@ -215,6 +215,7 @@ def take_live(
     mon: Monitor,
     *,
     kinds: dict[str, PathKind] | None = None,
+    window: Callable[[], object] | None = None,
 ) -> Domain:
     """Run the QMP part of a snapshot on a running domain; return the new live domain.
 
@@ -228,6 +229,9 @@ def take_live(
     :param kinds: what :func:`preflight` returned for this plan under the same
         lock, if the caller already ran it (each pre-created overlay's header is
         then read once per call, not twice).
+    :param window: work of the caller's to do while QEMU runs the transaction
+        (not while the guest is frozen); what it raises is logged and left for
+        the caller to meet again when it does the work itself.
     """
     assert rec.status is not None
     before = kinds if kinds is not None else preflight(plan, rec.definition)
@@ -253,6 +257,8 @@ def take_live(
                     # what the success will write, built while QEMU switches the
                     # disks (not while the guest is frozen: that must end as
                     # soon as QEMU answers)
+                    if window is not None:
+                        _in_window(window)
                     prepared = _prepare_commit(driver, rec, plan, busy=lambda: not pending.done())
                 pending.result()
             except VirtError as err:
@@ -297,6 +303,13 @@ def take_live(
             f"{thaw_error.detail}",
         ) from thaw_error
     return live
+
+
+def _in_window(work: Callable[[], object]) -> None:
+    try:
+        work()
+    except Exception:  # the caller does the work again and meets the error then
+        _log.debug("work while QEMU ran the transaction failed", exc_info=True)
 
 
 def _new_tops(rec: DomainRecord, plan: SnapshotPlan) -> dict[str, str]:
@@ -406,6 +419,63 @@ def _commit_live(
 # -- the intent of a snapshot, for a process that dies in the middle ----------------------
 
 
+class SnapshotDocument:
+    """A new snapshot's metadata document, formatted once.
+
+    Its ``<domain>`` is what costs: every disk and every layer of the domain.
+    When that domain is the definition this process read from its file
+    (:meth:`Driver.source_of`), the document is formatted by :meth:`make`,
+    which a snapshot calls while QEMU runs its transaction; until then, the
+    snapshot's intent keeps the cheap :meth:`parts` instead.  Otherwise the
+    document is formatted at once.
+
+    :param snap: the new snapshot (current).
+    :param uuid: the domain's UUID.
+    :param source: ``(kind, bytes)`` of the file ``snap.domain`` was parsed
+        from, or None.
+    """
+
+    def __init__(self, snap: SnapshotDef, uuid: str, source: tuple[str, bytes] | None) -> None:
+        self._snap = snap
+        self._uuid = uuid
+        self._source = source
+        #: The document, once formatted.
+        self.text: str | None = None if source is not None else self._format()
+
+    def _format(self) -> str:
+        return format_snapshot(self._snap, internal=True, domain_uuid=self._uuid)
+
+    def make(self) -> str:
+        """The document (formatted on the first call)."""
+        if self.text is None:
+            self.text = self._format()
+        return self.text
+
+    def parts(self) -> tuple[str, str, bytes]:
+        """The document without its domain (``<domain><uuid>`` instead), and
+        the kind and bytes of the file the domain was read from: what
+        :meth:`from_parts` formats the same document from.  Formatting the
+        first part checks every value of the snapshot's own (the domain's
+        were checked when its file was written)."""
+        assert self._source is not None
+        kind, source = self._source
+        head = format_snapshot(
+            dataclasses.replace(self._snap, domain=None), internal=True, domain_uuid=self._uuid
+        )
+        return head, kind, source
+
+    @staticmethod
+    def from_parts(head: str, kind: str, source: bytes) -> str:
+        """The document :meth:`parts` describe."""
+        snap = parse_snapshot(head, redefine=True, internal=True)
+        domain = domain_from_source(kind, source)
+        return format_snapshot(
+            dataclasses.replace(snap, domain=domain, domain_uuid=None),
+            internal=True,
+            domain_uuid=domain.uuid,
+        )
+
+
 def intent_path(driver: Driver, name: str) -> Path:
     """Where a running snapshot's intent is kept (runtime: gone with QEMU)."""
     return driver.domain_run_dir(name) / "snapshot-intent.json"
@@ -427,18 +497,29 @@ def write_intent(
     driver: Driver,
     rec: DomainRecord,
     plan: SnapshotPlan,
-    snapshot: str | None,
+    snapshot: SnapshotDocument | None,
 ) -> Path:
     """Record, before QEMU is asked, what a snapshot changes: how to tell that QEMU
     carried it out (each disk's new top node), the overlays (from which the status
     and definition that then follow are derived again), the snapshot's metadata
-    document (None with NO_METADATA), and the files to remove if it did not."""
-    data = {
+    document (None with NO_METADATA), and the files to remove if it did not.
+
+    The metadata document is kept as it is if it is already formatted; if not,
+    as the document without its ``<domain>`` and the file that domain was read
+    from (:meth:`SnapshotDocument.parts`), from which :func:`recover_intent`
+    formats the same document."""
+    data: dict[str, Any] = {
         "new": _new_tops(rec, plan),
         "overlays": [{f: getattr(ov, f) for f in _INTENT_FIELDS} for ov in plan.overlays],
-        "snapshot": snapshot,
+        "snapshot": None,
         "created": [ov.path for ov in plan.overlays if path_kind(ov.path) == PathKind.MISSING],
     }
+    if snapshot is not None:
+        if snapshot.text is not None:
+            data["snapshot"] = snapshot.text
+        else:
+            head, kind, source = snapshot.parts()
+            data["snapshot_parts"] = {"head": head, "kind": kind, "source": source.decode()}
     path = intent_path(driver, rec.name)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_atomic(path, json.dumps(data), durable=False)  # runtime: dies with QEMU
@@ -474,8 +555,14 @@ def recover_intent(driver: Driver, name: str) -> None:
             driver.write_status(name, status)
             if config is not None:
                 driver.write_config(name, config)
-        if data["snapshot"] is not None:
-            _record_recovered(driver, rec, data["snapshot"])
+        text = data.get("snapshot")
+        parts = data.get("snapshot_parts")
+        if text is None and parts is not None:
+            text = SnapshotDocument.from_parts(
+                parts["head"], parts["kind"], parts["source"].encode()
+            )
+        if text is not None:
+            _record_recovered(driver, rec, text)
         _log.warning("domain '%s': an interrupted snapshot was completed", name)
     else:
         for p in data["created"]:
@@ -561,8 +648,16 @@ def ensure_snapshot_dir(driver: Driver, name: str) -> Path:
     return path
 
 
-def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> SnapshotDef:
+def take_snapshot(
+    driver: Driver,
+    rec: DomainRecord,
+    plan: SnapshotPlan,
+    *,
+    window: Callable[[], object] | None = None,
+) -> SnapshotDef:
     """Execute ``plan`` on the domain of ``rec`` (lock held by the caller).
+
+    ``window``: see :func:`take_live`.
 
     A disk with a ``<mirror>`` (R5) gets its mirror job right after the
     transaction; if the job cannot start, the snapshot is undone (each new
@@ -582,7 +677,7 @@ def take_snapshot(driver: Driver, rec: DomainRecord, plan: SnapshotPlan) -> Snap
         before = preflight(plan, rec.definition)
         if plan.reuse and any(ov.mirror is not None for ov in plan.overlays):
             _check_reused_mirrors(plan, mon, rec)
-        take_live(driver, rec, plan, mon, kinds=before)
+        take_live(driver, rec, plan, mon, kinds=before, window=window)
         mirrored = [ov for ov in plan.overlays if ov.mirror is not None]
         for ov in mirrored:
             assert ov.mirror is not None
@@ -929,29 +1024,36 @@ class Snapshots:
             plan = dataclasses.replace(
                 plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
             )
-            # the new snapshot's document, formatted once: for the intent and its file
-            text = (
-                format_snapshot(
+            transaction = plan.live and plan.use_transaction
+            # the new snapshot's document, formatted once (for the intent and its
+            # file): while QEMU runs the transaction when the intent can do
+            # without it, else now
+            document = (
+                SnapshotDocument(
                     dataclasses.replace(plan.snapshot, current=True),
-                    internal=True,
-                    domain_uuid=before.uuid,
+                    before.uuid,
+                    self.driver.source_of(domain, plan.snapshot.domain)
+                    if transaction and plan.snapshot.domain is not None
+                    else None,
                 )
                 if plan.metadata
                 else None
             )
             intent = None
-            if plan.live and plan.use_transaction:
+            if transaction:
                 # a process that dies from here on leaves this for the next call
-                intent = write_intent(self.driver, rec, plan, text)
+                intent = write_intent(self.driver, rec, plan, document)
             try:
-                take_snapshot(self.driver, rec, plan)
+                take_snapshot(
+                    self.driver, rec, plan, window=document.make if document is not None else None
+                )
                 faults.point("snapshot-before-metadata")
-                if plan.metadata:
+                if document is not None:
                     new = tree.add(_node(plan.snapshot), make_current=True)
+                    text = document.make()
                     # writes the new snapshot and the old current one (no longer current)
                     with self._changing(domain, "snapshot-create"):
                         defs[snap.name] = plan.snapshot
-                        assert text is not None
                         self._sync(
                             domain, before.uuid, tree, new, defs, formatted={snap.name: text}
                         )
