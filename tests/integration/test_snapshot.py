@@ -328,15 +328,17 @@ def test_intent_parts_give_the_document_the_call_writes(
     # What a recovery formats from those parts must be the very file the call wrote.
     import virtshift.runtime.snapshot as runtime_snapshot
 
-    kept: list[dict] = []
-    real_remove = runtime_snapshot.remove_quietly
+    kept: list[tuple[dict, bytes]] = []
+    real_remove = runtime_snapshot.remove_intent
 
-    def keep_intent(path) -> None:
-        if Path(path).name == "snapshot-intent.json":
-            kept.append(json.loads(Path(path).read_text()))
+    def keep_intent(path: Path) -> None:
+        source = path.with_name("snapshot-intent.source.xml")
+        kept.append((json.loads(path.read_text()), source.read_bytes()))
         real_remove(path)
+        assert not path.exists()
+        assert not source.exists()
 
-    monkeypatch.setattr(runtime_snapshot, "remove_quietly", keep_intent)
+    monkeypatch.setattr(runtime_snapshot, "remove_intent", keep_intent)
     disks = [(t, make_image(images / f"{t}.qcow2"), "qcow2") for t in TARGETS[:3]]
     xml = domain_xml("vm", disks)
     dom = conn.defineXML(xml) if persistent else conn.createXML(xml, 0)
@@ -350,14 +352,14 @@ def test_intent_parts_give_the_document_the_call_writes(
             DISK_ONLY | ATOMIC,
         )
     assert len(kept) == 2
-    for intent, name in zip(kept, ("p1", "p2"), strict=True):
+    for (intent, source), name in zip(kept, ("p1", "p2"), strict=True):
         assert intent["snapshot"] is None  # the document was not formatted before QEMU
         parts = intent["snapshot_parts"]
         assert parts["kind"] == ("config" if persistent else "status")
         assert "<domain>" in parts["head"]
         assert "<disk" not in parts["head"].split("<domain>")[1]
         recovered = runtime_snapshot.SnapshotDocument.from_parts(
-            parts["head"], parts["kind"], parts["source"].encode()
+            parts["head"], parts["kind"], source
         )
         written = (root / "lib/qemu/snapshot/vm" / f"{name}.xml").read_text()
         if name == "p1":  # no longer current: only its <active> changed since

@@ -195,13 +195,6 @@ def overlay_name(disk: Disk, snapshot_name: str) -> str:
     return os.path.join(head, f"{stem}.{snapshot_name}")
 
 
-def _find_disk(domain: Domain, name: str) -> Disk | None:
-    for disk in domain.disks:
-        if disk.target == name or (disk.source.path is not None and disk.source.path == name):
-            return disk
-    return None
-
-
 def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotDef:
     """Give every domain disk an entry: mode, overlay path, format (libvirt's rules).
 
@@ -209,9 +202,16 @@ def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotD
         snapshots, unsupported formats and name collisions.
     """
     assert snap.name is not None
+    # a snapshot <disk name=> names a disk by target or by source path: the
+    # first disk, in order, with either (one pass, not one per entry)
+    named: dict[str, Disk] = {}
+    for d in domain.disks:
+        named.setdefault(d.target, d)
+        if d.source.path is not None:
+            named.setdefault(d.source.path, d)
     by_target: dict[str, SnapshotDisk] = {}
     for entry in snap.disks:
-        disk = _find_disk(domain, entry.name)
+        disk = named.get(entry.name)
         if disk is None:
             raise VirtError(ErrorCode.CONFIG_UNSUPPORTED, f"no disk named '{entry.name}'")
         if disk.target in by_target:
@@ -266,18 +266,25 @@ def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotD
     return dataclasses.replace(snap, disks=tuple(aligned))
 
 
+def _normpath(path: str) -> str:
+    """``os.path.normpath``, skipped for the usual path that it leaves as it is."""
+    if "//" in path or "/." in path or path.endswith("/") or not path.startswith("/"):
+        return os.path.normpath(path)
+    return path
+
+
 def _check_collisions(domain: Domain, disks: list[SnapshotDisk], *, explicit: set[str]) -> None:
     seen: dict[str, str] = {}
     in_chain: dict[str, str] = {}
     for d in domain.disks:
         for layer in d.source.chain():
             if layer.path:
-                in_chain[os.path.normpath(layer.path)] = d.target
+                in_chain[_normpath(layer.path)] = d.target
     mirrors = 0
     for entry in disks:
         if entry.snapshot != "external" or entry.path is None:
             continue
-        path = os.path.normpath(entry.path)
+        path = _normpath(entry.path)
         if path in seen:
             if entry.name not in explicit:
                 raise VirtError(
@@ -299,7 +306,7 @@ def _check_collisions(domain: Domain, disks: list[SnapshotDisk], *, explicit: se
         seen[path] = entry.name
         if entry.mirror is not None:
             mirrors += 1
-            mpath = os.path.normpath(entry.mirror.path)
+            mpath = _normpath(entry.mirror.path)
             if mpath in seen or mpath in in_chain:
                 raise VirtError(
                     ErrorCode.CONFIG_UNSUPPORTED,

@@ -198,6 +198,8 @@ class Monitor:
         self._listener_task: asyncio.Future[None] | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.greeting: dict[str, Any] = {}
+        #: a connection started by :meth:`connect_soon`, not yet waited for
+        self._connecting: tuple[socket.socket, concurrent.futures.Future[None]] | None = None
 
     # -- connection -------------------------------------------------------
 
@@ -214,6 +216,8 @@ class Monitor:
         """
         from qemu.qmp import QMPClient
 
+        if self._connecting is not None and self._finish_connecting():
+            return self
         _check_socket(self.path)
         for attempt in range(4):
             try:
@@ -238,6 +242,40 @@ class Monitor:
                 self._client = QMPClient(name=os.path.basename(self.path))
                 time.sleep(0.05)
         raise AssertionError("unreachable")
+
+    def connect_soon(self) -> Monitor:
+        """Start connecting and return at once: the greeting and the capability
+        negotiation go on in the loop thread while the caller works (under the
+        domain lock, as every use of the monitor).  :meth:`connect` (or
+        ``with``) waits for it, and reports any failure as it would have;
+        :meth:`close` waits for it too."""
+        import asyncio
+
+        try:
+            _check_socket(self.path)
+            sock = connect_unix(self.path)
+        except (VirtError, OSError):
+            return self  # connect() meets it again and says so
+        fut = asyncio.run_coroutine_threadsafe(self._connect(sock), _Loop.get())
+        self._connecting = (sock, fut)
+        return self
+
+    def _finish_connecting(self) -> bool:
+        """Wait for :meth:`connect_soon`'s connection; False if it failed (then
+        closed, for :meth:`connect` to try again from the start)."""
+        from qemu.qmp import QMPClient
+
+        assert self._connecting is not None
+        sock, fut = self._connecting
+        self._connecting = None
+        try:
+            _wait(fut, self.timeout)
+            return True
+        except Exception as err:
+            _log.debug("monitor %s: early connection failed (%s)", self.path, err)
+            sock.close()
+            self._client = QMPClient(name=os.path.basename(self.path))
+            return False
 
     def reconnect(self) -> Monitor:
         """Drop the connection (one that failed mid-command) and connect again.
@@ -281,6 +319,8 @@ class Monitor:
 
     def close(self) -> None:
         """Disconnect (safe to call twice)."""
+        if self._connecting is not None:
+            self._finish_connecting()
         if self._listener_task is not None:
             task = self._listener_task
             self._listener_task = None
@@ -293,7 +333,7 @@ class Monitor:
     @property
     def connected(self) -> bool:
         """True between a successful :meth:`connect` and :meth:`close`."""
-        return self._listener_task is not None
+        return self._connecting is None and self._listener_task is not None
 
     def __enter__(self) -> Monitor:
         return self if self.connected else self.connect()

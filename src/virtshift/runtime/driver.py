@@ -8,7 +8,8 @@ driver::
     run/qemu/NAME.xml                 status of a running domain (see xml/status.py)
     run/qemu/domain-NAME/             QEMU's working directory: monitor.sock,
                                       query.sock, guest agent socket, and a
-                                      running snapshot's snapshot-intent.json
+                                      running snapshot's snapshot-intent.json (and
+                                      snapshot-intent.source.xml)
     run/lock/NAME.lock                per-domain lock (flock), run/lock/driver.lock
     log/qemu/NAME.log                 QEMU's stdout/stderr, appended per start
     lib/qemu/snapshot/NAME/           snapshot metadata (later)

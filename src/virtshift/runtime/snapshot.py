@@ -128,8 +128,9 @@ def preflight(plan: SnapshotPlan, domain: Domain) -> dict[str, PathKind]:
     dirs = {p: os.path.isdir(os.path.dirname(p)) for p in paths}
     check_paths(plan, kinds, dirs)
     if plan.reuse:
+        disks = {d.target: d for d in domain.disks}
         for ov in plan.overlays:
-            disk = domain.disk(ov.target)
+            disk = disks.get(ov.target)
             if ov.format == "qcow2" and disk is not None and disk.source.path is not None:
                 _check_reused_backing(ov, disk.source)
     return kinds
@@ -519,11 +520,27 @@ def write_intent(
             data["snapshot"] = snapshot.text
         else:
             head, kind, source = snapshot.parts()
-            data["snapshot_parts"] = {"head": head, "kind": kind, "source": source.decode()}
+            data["snapshot_parts"] = {"head": head, "kind": kind}
     path = intent_path(driver, rec.name)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if "snapshot_parts" in data:
+        # as it is, beside the intent (no JSON escaping of a whole status file),
+        # and before it: an intent that names it finds it
+        write_atomic(_intent_source(path), source, durable=False)
     write_atomic(path, json.dumps(data), durable=False)  # runtime: dies with QEMU
     return path
+
+
+def _intent_source(path: Path) -> Path:
+    """Where the file the snapshot's domain was read from is kept for its intent."""
+    return path.with_name("snapshot-intent.source.xml")
+
+
+def remove_intent(path: Path) -> None:
+    """Remove an intent (first: it is what says a snapshot is under way) and the
+    copy of its domain's file."""
+    remove_quietly(path)
+    remove_quietly(_intent_source(path))
 
 
 def recover_intent(driver: Driver, name: str) -> None:
@@ -542,7 +559,7 @@ def recover_intent(driver: Driver, name: str) -> None:
         return
     rec = driver.record(name)
     if rec.status is None:
-        remove_quietly(path)
+        remove_intent(path)
         return
     with Monitor(rec.status.monitor).connect() as mon:
         now = _tops(mon)
@@ -559,7 +576,7 @@ def recover_intent(driver: Driver, name: str) -> None:
         parts = data.get("snapshot_parts")
         if text is None and parts is not None:
             text = SnapshotDocument.from_parts(
-                parts["head"], parts["kind"], parts["source"].encode()
+                parts["head"], parts["kind"], _intent_source(path).read_bytes()
             )
         if text is not None:
             _record_recovered(driver, rec, text)
@@ -569,7 +586,7 @@ def recover_intent(driver: Driver, name: str) -> None:
             if path_kind(p) == PathKind.FILE:
                 os.unlink(p)
         _log.warning("domain '%s': an interrupted snapshot was rolled back", name)
-    remove_quietly(path)
+    remove_intent(path)
 
 
 def _record_recovered(driver: Driver, rec: DomainRecord, text: str) -> None:
@@ -654,10 +671,12 @@ def take_snapshot(
     plan: SnapshotPlan,
     *,
     window: Callable[[], object] | None = None,
+    monitor: Monitor | None = None,
 ) -> SnapshotDef:
     """Execute ``plan`` on the domain of ``rec`` (lock held by the caller).
 
-    ``window``: see :func:`take_live`.
+    ``window``: see :func:`take_live`.  ``monitor``: the domain's monitor,
+    if the caller started connecting it (:meth:`Monitor.connect_soon`).
 
     A disk with a ``<mirror>`` (R5) gets its mirror job right after the
     transaction; if the job cannot start, the snapshot is undone (each new
@@ -671,9 +690,12 @@ def take_snapshot(
     from virtshift.runtime.blockjob import BlockJobOps
 
     jobs = BlockJobOps(driver)
-    with Monitor(rec.status.monitor).connect() as mon:
-        jobs.reconcile(rec.name, mon)
-        rec = driver.record(rec.name)
+    with monitor if monitor is not None else Monitor(rec.status.monitor) as mon:
+        if any(not j.state.ended for j in rec.status.jobs):
+            # (rec was read under this lock: with no job to bring up to date,
+            # reconcile would change nothing)
+            jobs.reconcile(rec.name, mon)
+            rec = driver.record(rec.name)
         before = preflight(plan, rec.definition)
         if plan.reuse and any(ov.mirror is not None for ov in plan.overlays):
             _check_reused_mirrors(plan, mon, rec)
@@ -1002,68 +1024,83 @@ class Snapshots:
             check_create_flags(flags, active=rec.active)
             if flags & CreateFlags.REDEFINE:
                 return self._redefine(rec, xml, flags), True
-            tree, defs = self.load(domain)
-            snap = apply_creation_defaults(parse_snapshot(xml), creation_time=now())
-            assert snap.name is not None
-            check_snapshot_name(snap.name)
-            if snap.name in tree:
-                raise VirtError(
-                    ErrorCode.OPERATION_FAILED, f"domain moment {snap.name} already exists"
-                )
-            before = rec.definition
-            plan = plan_snapshot(
-                before,
-                snap,
-                flags=flags,
-                caps=rec.status.caps if rec.status is not None else None,
-                next_index=rec.status.next_index if rec.status is not None else 1,
-                parent=tree.current,
-                creation_time=snap.creation_time or now(),
-                state=state_word(rec),
-            )
-            plan = dataclasses.replace(
-                plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
-            )
-            transaction = plan.live and plan.use_transaction
-            # the new snapshot's document, formatted once (for the intent and its
-            # file): while QEMU runs the transaction when the intent can do
-            # without it, else now
-            document = (
-                SnapshotDocument(
-                    dataclasses.replace(plan.snapshot, current=True),
-                    before.uuid,
-                    self.driver.source_of(domain, plan.snapshot.domain)
-                    if transaction and plan.snapshot.domain is not None
-                    else None,
-                )
-                if plan.metadata
-                else None
-            )
-            intent = None
-            if transaction:
-                # a process that dies from here on leaves this for the next call
-                intent = write_intent(self.driver, rec, plan, document)
+            if rec.status is None:
+                return self._create(rec, xml, flags, None)
+            # QEMU greets and negotiates while the request is parsed and planned
+            monitor = Monitor(rec.status.monitor).connect_soon()
             try:
-                take_snapshot(
-                    self.driver, rec, plan, window=document.make if document is not None else None
-                )
-                faults.point("snapshot-before-metadata")
-                if document is not None:
-                    new = tree.add(_node(plan.snapshot), make_current=True)
-                    text = document.make()
-                    # writes the new snapshot and the old current one (no longer current)
-                    with self._changing(domain, "snapshot-create"):
-                        defs[snap.name] = plan.snapshot
-                        self._sync(
-                            domain, before.uuid, tree, new, defs, formatted={snap.name: text}
-                        )
-            except BaseException as err:
-                if intent is not None and not _unanswered(err):
-                    remove_quietly(intent)
-                raise
-            if intent is not None:
-                remove_quietly(intent)
-            return plan.snapshot, plan.metadata
+                return self._create(rec, xml, flags, monitor)
+            finally:
+                monitor.close()
+
+    def _create(
+        self, rec: DomainRecord, xml: str, flags: int, monitor: Monitor | None
+    ) -> tuple[SnapshotDef, bool]:
+        """:meth:`create` of a new snapshot, domain lock held; ``monitor``: the
+        running domain's, being connected."""
+        domain = rec.name
+        tree, defs = self.load(domain)
+        snap = apply_creation_defaults(parse_snapshot(xml), creation_time=now())
+        assert snap.name is not None
+        check_snapshot_name(snap.name)
+        if snap.name in tree:
+            raise VirtError(ErrorCode.OPERATION_FAILED, f"domain moment {snap.name} already exists")
+        before = rec.definition
+        plan = plan_snapshot(
+            before,
+            snap,
+            flags=flags,
+            caps=rec.status.caps if rec.status is not None else None,
+            next_index=rec.status.next_index if rec.status is not None else 1,
+            parent=tree.current,
+            creation_time=snap.creation_time or now(),
+            state=state_word(rec),
+        )
+        plan = dataclasses.replace(
+            plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
+        )
+        transaction = plan.live and plan.use_transaction
+        # the new snapshot's document, formatted once (for the intent and its
+        # file): while QEMU runs the transaction when the intent can do
+        # without it, else now
+        document = (
+            SnapshotDocument(
+                dataclasses.replace(plan.snapshot, current=True),
+                before.uuid,
+                self.driver.source_of(domain, plan.snapshot.domain)
+                if transaction and plan.snapshot.domain is not None
+                else None,
+            )
+            if plan.metadata
+            else None
+        )
+        intent = None
+        if transaction:
+            # a process that dies from here on leaves this for the next call
+            intent = write_intent(self.driver, rec, plan, document)
+        try:
+            take_snapshot(
+                self.driver,
+                rec,
+                plan,
+                window=document.make if document is not None else None,
+                monitor=monitor,
+            )
+            faults.point("snapshot-before-metadata")
+            if document is not None:
+                new = tree.add(_node(plan.snapshot), make_current=True)
+                text = document.make()
+                # writes the new snapshot and the old current one (no longer current)
+                with self._changing(domain, "snapshot-create"):
+                    defs[snap.name] = plan.snapshot
+                    self._sync(domain, before.uuid, tree, new, defs, formatted={snap.name: text})
+        except BaseException as err:
+            if intent is not None and not _unanswered(err):
+                remove_intent(intent)
+            raise
+        if intent is not None:
+            remove_intent(intent)
+        return plan.snapshot, plan.metadata
 
     def _redefine(self, rec: DomainRecord, xml: str, flags: int) -> SnapshotDef:
         snap = parse_snapshot(xml, redefine=True)
