@@ -753,6 +753,8 @@ _PHASE_COLS = [
     "format domain XML",
     "format snapshot XML",
     "durable writes (write_atomic)",
+    "state files written under temporary names (prepare_atomic)",
+    "state files put in place (rename + directory fsync)",
     "take the domain lock",
 ]
 

@@ -249,6 +249,26 @@ PATCH_POINTS: list[tuple[str, str | None, str, str | None]] = [
     ("virtshift.runtime.driver", None, "write_atomic", "durable writes (write_atomic)"),
     ("virtshift.store.snapshots", None, "write_atomic", "durable writes (write_atomic)"),
     ("virtshift.migrate.journal", None, "write_atomic", "durable writes (write_atomic)"),
+    # a snapshot writes its status and metadata files (and syncs them) while QEMU
+    # works, and puts them in place (renames, one directory sync each) after
+    (
+        "virtshift.runtime.driver",
+        None,
+        "prepare_atomic",
+        "state files written under temporary names (prepare_atomic)",
+    ),
+    (
+        "virtshift.store.snapshots",
+        None,
+        "prepare_atomic",
+        "state files written under temporary names (prepare_atomic)",
+    ),
+    (
+        "virtshift.store.files",
+        None,
+        "commit_prepared",
+        "state files put in place (rename + directory fsync)",
+    ),
     ("virtshift.runtime.driver", None, "format_status", "format status XML"),
     ("virtshift.runtime.driver", None, "format_domain", "format domain XML"),
     ("virtshift.runtime.snapshot", None, "format_snapshot", "format snapshot XML"),

@@ -422,6 +422,8 @@ def recover(lab: Lab, op: str, before: dict[str, Any]) -> None:
     elif now != before:
         assert after_state(lab, op), diff(before, now)
     assert_consistent(lab)
+    # nothing the dead process wrote under a temporary name is left behind
+    assert not sorted(lab.root.rglob(".*.tmp"))
     finish(lab)
 
 

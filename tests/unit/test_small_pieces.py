@@ -215,3 +215,68 @@ def test_write_atomic_never_follows_a_planted_temp_symlink(tmp_path: Path) -> No
     assert target.read_text() == "state"
     assert victim.read_text() == "precious"
     assert not target.is_symlink()
+
+
+def test_prepared_files_take_effect_only_when_committed(tmp_path: Path) -> None:
+    from virtshift.store.files import commit_prepared, prepare_atomic
+
+    a, b = tmp_path / "a.xml", tmp_path / "b.xml"
+    a.write_text("old a")
+    pa = prepare_atomic(a, "new a")
+    pb = prepare_atomic(b, "new b", durable=False)
+    # written under temporary names; nothing in place yet
+    assert a.read_text() == "old a"
+    assert not b.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(
+        [pa.tmp.name, pb.tmp.name]
+    )
+    commit_prepared([pa, pb])
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")
+    st = os.lstat(a)
+    assert pa.key == (st.st_ino, st.st_size, st.st_mtime_ns)  # the key once in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.xml", "b.xml"]
+    pa.discard()  # after commit: nothing to remove
+    assert a.read_text() == "new a"
+    with pytest.raises(ValueError, match="not prepared"):
+        pa.commit()
+    # discarded: nothing changes, and nothing is left
+    pc = prepare_atomic(a, "never")
+    pc.discard()
+    pc.discard()
+    assert a.read_text() == "new a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.xml", "b.xml"]
+
+
+def test_a_failed_commit_leaves_the_rest_unwritten(tmp_path: Path) -> None:
+    from virtshift.store.files import commit_prepared, prepare_atomic
+
+    a, b = tmp_path / "a.xml", tmp_path / "b.xml"
+    pa, pb = prepare_atomic(a, "a"), prepare_atomic(b, "b")
+    os.unlink(pa.tmp)  # the first rename fails
+    with pytest.raises(VirtError) as exc:
+        commit_prepared([pa, pb])
+    assert exc.value.code == ErrorCode.OPERATION_FAILED
+    assert "a.xml" in str(exc.value)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    from virtshift.store.files import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    gone = int(dead.stdout)
+    names = [
+        f".vm.xml.{gone}.7.tmp",  # a dead process's: removed
+        f".other.xml.{gone}.7.tmp",  # not asked for below, then removed
+        f".vm.xml.{os.getpid()}.7.tmp",  # this process's: kept
+        f".vm.xml.{os.getppid()}.7.tmp",  # a live process's: kept
+        "vm.xml",
+        ".vm.xml.tmp",
+    ]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    assert remove_stale_temps(tmp_path, {"vm.xml"}) == [tmp_path / names[0]]
+    assert remove_stale_temps(tmp_path) == [tmp_path / names[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert remove_stale_temps(tmp_path / "missing") == []

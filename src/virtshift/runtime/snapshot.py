@@ -67,7 +67,13 @@ from virtshift.qmp.agent import GuestAgent
 from virtshift.qmp.client import Monitor
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver, PreparedStatus, domain_from_source
-from virtshift.store.files import remove_quietly, write_atomic
+from virtshift.store.files import (
+    PreparedFile,
+    commit_prepared,
+    remove_quietly,
+    remove_stale_temps,
+    write_atomic,
+)
 from virtshift.store.images import read_layer
 from virtshift.store.snapshots import FileKeyT, IndexEntry, SnapshotStore
 from virtshift.xml.domain import format_domain
@@ -292,9 +298,15 @@ def take_live(
                 done.append(ov)
     finally:
         thaw_error = _thaw(agent, frozen)
+        if prepared is not None and not done:
+            prepared.status.discard()
     if not done:  # pragma: no cover - every failure above raised
         raise VirtError(ErrorCode.INTERNAL_ERROR, "snapshot switched no disk")
-    live = _commit_live(driver, rec, plan, done, prepared)
+    try:
+        live = _commit_live(driver, rec, plan, done, prepared)
+    finally:
+        if prepared is not None:
+            prepared.status.discard()  # (nothing once written)
     if failure is not None:
         raise failure
     if thaw_error is not None:
@@ -390,7 +402,7 @@ def _prepare_commit(
         config_text = format_domain(config, inactive=True) if config is not None else None
         return _Prepared(
             domain=status.domain,
-            status=driver.prepare_status(status, spare=busy),
+            status=driver.prepare_status(status, spare=busy, name=rec.name),
             config=config_text,
         )
     except Exception:  # raised again by the path that does not prepare
@@ -557,6 +569,13 @@ def recover_intent(driver: Driver, name: str) -> None:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return
+    # what the dead process wrote while QEMU worked and never put in place
+    status_file = driver.status_path(name)
+    stale = remove_stale_temps(status_file.parent, {status_file.name}) + remove_stale_temps(
+        driver.snapshot_dir(name)
+    )
+    if stale:
+        _log.info("domain '%s': removed %s", name, [str(p) for p in stale])
     rec = driver.record(name)
     if rec.status is None:
         remove_intent(path)
@@ -884,6 +903,22 @@ class Definitions(MutableMapping[str, SnapshotDef]):
         return len(self._files)
 
 
+@dataclasses.dataclass
+class _Staged:
+    """Snapshot metadata written under temporary names (:meth:`Snapshots._stage`)."""
+
+    files: list[PreparedFile] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    index: PreparedFile | None = None
+
+    def discard(self) -> None:
+        """Remove what was not put in place (safe to call twice)."""
+        for f in self.files:
+            f.discard()
+        if self.index is not None:
+            self.index.discard()
+
+
 class Snapshots:
     """Snapshot metadata and operations of the domains of one driver.
 
@@ -986,33 +1021,70 @@ class Snapshots:
 
         The caller holds the domain lock and the exclusive metadata lock
         (:meth:`_changing`), so readers see all of these writes or none."""
+        staged = self._stage(domain, uuid, old, new, defs, rewrite=rewrite, formatted=formatted)
+        try:
+            self._commit_staged(domain, staged)
+        finally:
+            staged.discard()
+
+    def _stage(
+        self,
+        domain: str,
+        uuid: str,
+        old: SnapshotTree,
+        new: SnapshotTree,
+        defs: MutableMapping[str, SnapshotDef],
+        *,
+        rewrite: str | None = None,
+        formatted: Mapping[str, str] | None = None,
+    ) -> _Staged:
+        """What :meth:`_sync` writes, written and synced under temporary names
+        (needs the domain lock only: nothing is in place until
+        :meth:`_commit_staged`).  The caller commits or discards it."""
         store = self.store(domain)
-        written: dict[str, IndexEntry] = {}
-        for name, node in new.nodes.items():
-            before = old.nodes.get(name)
-            changed_parent = before is None or before.parent != node.parent
-            changed_current = (old.current == name) != (new.current == name)
-            if changed_parent or changed_current or name == rewrite:
-                current = new.current == name
-                text = formatted.get(name) if formatted else None
-                if text is None and not changed_parent and name != rewrite:
-                    # only <active> differs: the document's last line, no need to
-                    # parse and format the whole definition (its <domain>) again
-                    text = _with_active(store.read(name), current)
-                if text is None:
-                    snap = dataclasses.replace(defs[name], parent=node.parent, current=current)
-                    text = format_snapshot(snap, internal=True, domain_uuid=uuid)
-                store.write(name, text)
-                written[name] = IndexEntry(key=store.key(name), node=node, current=current)
-        removed = [name for name in old.nodes if name not in new.nodes]
-        for name in removed:
+        staged = _Staged()
+        try:
+            written: dict[str, IndexEntry] = {}
+            for name, node in new.nodes.items():
+                before = old.nodes.get(name)
+                changed_parent = before is None or before.parent != node.parent
+                changed_current = (old.current == name) != (new.current == name)
+                if changed_parent or changed_current or name == rewrite:
+                    current = new.current == name
+                    text = formatted.get(name) if formatted else None
+                    if text is None and not changed_parent and name != rewrite:
+                        # only <active> differs: the document's last line, no need to
+                        # parse and format the whole definition (its <domain>) again
+                        text = _with_active(store.read(name), current)
+                    if text is None:
+                        snap = dataclasses.replace(defs[name], parent=node.parent, current=current)
+                        text = format_snapshot(snap, internal=True, domain_uuid=uuid)
+                    file = store.prepare(name, text)
+                    staged.files.append(file)
+                    # a rename keeps inode, size and mtime: the key once in place
+                    written[name] = IndexEntry(key=file.key, node=node, current=current)
+            staged.removed = [name for name in old.nodes if name not in new.nodes]
+            if written or staged.removed:
+                index = store.read_index()
+                index.update(written)
+                for name in staged.removed:
+                    index.pop(name, None)
+                staged.index = store.prepare_index(index)
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    def _commit_staged(self, domain: str, staged: _Staged) -> None:
+        """Put what :meth:`_stage` wrote in place (the caller holds the domain
+        lock and the exclusive metadata lock)."""
+        store = self.store(domain)
+        commit_prepared(staged.files)
+        for name in staged.removed:
             store.remove(name)
-        if written or removed:
-            index = store.read_index()
-            index.update(written)
-            for name in removed:
-                index.pop(name, None)
-            store.write_index(index)
+        if staged.index is not None:
+            with contextlib.suppress(VirtError):  # only a cache
+                staged.index.commit()
 
     # -- create -----------------------------------------------------------------
 
@@ -1078,26 +1150,48 @@ class Snapshots:
         if transaction:
             # a process that dies from here on leaves this for the next call
             intent = write_intent(self.driver, rec, plan, document)
+        new = tree.add(_node(plan.snapshot), make_current=True) if document is not None else tree
+        staged: list[_Staged] = []
+
+        def window() -> None:
+            # while QEMU works: the document, then the metadata files it
+            # changes (the new snapshot's, the old current one's, the index),
+            # written and synced under temporary names
+            assert document is not None
+            assert snap.name is not None
+            text = document.make()
+            defs[snap.name] = plan.snapshot
+            staged.append(
+                self._stage(domain, before.uuid, tree, new, defs, formatted={snap.name: text})
+            )
+
         try:
             take_snapshot(
                 self.driver,
                 rec,
                 plan,
-                window=document.make if document is not None else None,
+                window=window if document is not None else None,
                 monitor=monitor,
             )
             faults.point("snapshot-before-metadata")
             if document is not None:
-                new = tree.add(_node(plan.snapshot), make_current=True)
-                text = document.make()
                 # writes the new snapshot and the old current one (no longer current)
                 with self._changing(domain, "snapshot-create"):
-                    defs[snap.name] = plan.snapshot
-                    self._sync(domain, before.uuid, tree, new, defs, formatted={snap.name: text})
+                    if staged:
+                        self._commit_staged(domain, staged[0])
+                    else:  # not staged while QEMU worked (QUIESCE, or it failed)
+                        defs[snap.name] = plan.snapshot
+                        text = document.make()
+                        self._sync(
+                            domain, before.uuid, tree, new, defs, formatted={snap.name: text}
+                        )
         except BaseException as err:
             if intent is not None and not _unanswered(err):
                 remove_intent(intent)
             raise
+        finally:
+            for each in staged:
+                each.discard()
         if intent is not None:
             remove_intent(intent)
         return plan.snapshot, plan.metadata

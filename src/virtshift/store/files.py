@@ -25,21 +25,27 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from virtshift.errors import ErrorCode, VirtError
 
 __all__ = [
     "FileLock",
+    "PreparedFile",
+    "commit_prepared",
     "ensure_dir",
     "open_private",
+    "prepare_atomic",
     "refuse_link",
     "remove_quietly",
+    "remove_stale_temps",
     "write_atomic",
 ]
 
@@ -113,14 +119,45 @@ def open_private(path: Path, flags: int) -> int:
         ) from err
 
 
-def write_atomic(path: Path, data: str | bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` atomically (mode 0600).
+class PreparedFile:
+    """A file's new content, written and (if durable) synced under a temporary
+    name, waiting for :meth:`commit` to put it in place (or :meth:`discard`).
 
-    :param durable: fsync the file and its directory, so that the new content
-        survives a power loss; without, it survives the death of any process (the
-        page cache keeps it), which is enough for a runtime file that dies with QEMU.
-    :raise VirtError: OPERATION_FAILED when the file cannot be written; the old
-        content is then still in place.
+    Made by :func:`prepare_atomic`: the slow part of a durable write (the data
+    and its ``fsync``) can be done while the caller waits for something else,
+    and only the rename and the directory's ``fsync`` remain when the content
+    is to take effect.
+    """
+
+    def __init__(self, path: Path, tmp: Path, durable: bool, key: tuple[int, int, int]) -> None:
+        #: The file to replace, and the temporary file holding the new content.
+        self.path, self.tmp = path, tmp
+        self.durable = durable
+        #: (inode, size, mtime) the file will have once in place (a rename keeps them).
+        self.key = key
+        self._state = "prepared"
+
+    def commit(self) -> None:
+        """Put the new content in place (and sync the directory if durable).
+
+        :raise VirtError: OPERATION_FAILED; the old content is then still in place.
+        """
+        commit_prepared([self])
+
+    def discard(self) -> None:
+        """Remove the temporary file, unless committed (safe to call twice)."""
+        if self._state == "prepared":
+            self._state = "discarded"
+            remove_quietly(self.tmp)
+
+
+def prepare_atomic(path: Path, data: str | bytes, *, durable: bool = True) -> PreparedFile:
+    """Write ``data`` for ``path`` under a temporary name in the same directory
+    (mode 0600; synced if ``durable``); :meth:`PreparedFile.commit` replaces
+    ``path`` with it.
+
+    :raise VirtError: OPERATION_FAILED when it cannot be written (nothing is
+        left behind).
     """
     raw = data.encode() if isinstance(data, str) else data
     # one temporary name per process and thread: two threads writing the same file
@@ -140,21 +177,98 @@ def write_atomic(path: Path, data: str | bytes, *, durable: bool = True) -> None
                 view = view[n:]
             if durable:
                 os.fsync(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        if not durable:
-            return
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
     except OSError as err:
         remove_quietly(tmp)
         raise VirtError(
             ErrorCode.OPERATION_FAILED, f"cannot write state file '{path}': {err.strerror}"
         ) from err
+    return PreparedFile(path, tmp, durable, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def commit_prepared(files: list[PreparedFile]) -> None:
+    """Put each prepared file in place, in order, then sync each directory that
+    holds a durable one, once.  On an error the files not yet in place are
+    discarded.
+
+    :raise VirtError: OPERATION_FAILED naming the file that failed.
+    """
+    dirs: dict[Path, Path] = {}  # directory -> a file put in place there
+    for i, f in enumerate(files):
+        if f._state != "prepared":
+            raise ValueError(f"'{f.path}' is not prepared ({f._state})")
+        try:
+            os.replace(f.tmp, f.path)
+        except OSError as err:
+            for rest in files[i:]:
+                rest.discard()
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED, f"cannot write state file '{f.path}': {err.strerror}"
+            ) from err
+        f._state = "committed"
+        if f.durable:
+            dirs.setdefault(f.path.parent, f.path)
+    for d, path in dirs.items():
+        try:
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as err:
+            raise VirtError(
+                ErrorCode.OPERATION_FAILED, f"cannot write state file '{path}': {err.strerror}"
+            ) from err
+
+
+def write_atomic(path: Path, data: str | bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (mode 0600).
+
+    :param durable: fsync the file and its directory, so that the new content
+        survives a power loss; without, it survives the death of any process (the
+        page cache keeps it), which is enough for a runtime file that dies with QEMU.
+    :raise VirtError: OPERATION_FAILED when the file cannot be written; the old
+        content is then still in place.
+    """
+    prepare_atomic(path, data, durable=durable).commit()
+
+
+#: prepare_atomic's temporary name: ``.NAME.PID.TID.tmp``.
+_TEMP_NAME: Final = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9]+\.tmp")
+
+
+def remove_stale_temps(directory: Path, names: Container[str] | None = None) -> list[Path]:
+    """Remove the temporary files :func:`prepare_atomic` left in ``directory``
+    (for the files named in ``names``, if given) whose process is gone;
+    return them.  A process killed between preparing and committing leaves
+    its files there."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.fullmatch(entry.name)
+        if m is None or (names is not None and m["name"] not in names):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid) or not entry.is_file(follow_symlinks=False):
+            continue
+        remove_quietly(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def remove_quietly(path: Path) -> None:

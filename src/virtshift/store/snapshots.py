@@ -29,11 +29,11 @@ parsing again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,13 @@ from typing import Any, TypeVar
 from virtshift.errors import ErrorCode, NoDomainSnapshot, VirtError
 from virtshift.model.names import MAX_NAME_LENGTH, check_snapshot_name
 from virtshift.model.snaptree import SnapNode
-from virtshift.store.files import ensure_dir, refuse_link, remove_quietly, write_atomic
+from virtshift.store.files import (
+    PreparedFile,
+    ensure_dir,
+    prepare_atomic,
+    refuse_link,
+    remove_quietly,
+)
 
 _SUFFIX = ".xml"
 
@@ -97,6 +103,14 @@ class SnapshotStore:
             symbolic link or not a regular file, or cannot be written (the old
             document is then still in place).
         """
+        self.prepare(name, xml_text).commit()
+
+    def prepare(self, name: str, xml_text: str) -> PreparedFile:
+        """:meth:`write`, up to putting the file in place (``commit()``; its
+        ``key`` is the document's key from then on).
+
+        :raise VirtError: as :meth:`write`.
+        """
         path = self.path(name)
         try:
             data = xml_text.encode("utf-8")
@@ -106,7 +120,7 @@ class SnapshotStore:
             ) from err
         ensure_dir(self.dir)
         _refuse_odd_file(path)
-        write_atomic(path, data)
+        return prepare_atomic(path, data)
 
     def read(self, name: str) -> str:
         """The document of ``name``.
@@ -261,6 +275,14 @@ class SnapshotStore:
 
     def write_index(self, entries: Mapping[str, IndexEntry]) -> None:
         """Replace the index (best effort, no ``fsync``: it is only a cache)."""
+        prepared = self.prepare_index(entries)
+        if prepared is not None:
+            with contextlib.suppress(VirtError):
+                prepared.commit()
+
+    def prepare_index(self, entries: Mapping[str, IndexEntry]) -> PreparedFile | None:
+        """:meth:`write_index` up to putting it in place; None if it could not
+        be written (it is only a cache)."""
         data = {
             name: {
                 "key": list(e.key),
@@ -274,18 +296,12 @@ class SnapshotStore:
             for name, e in entries.items()
         }
         refuse_link(self.dir, want_dir=True)
-        tmp = self.dir / f".index.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            return prepare_atomic(
+                self.dir / _INDEX, json.dumps(data, separators=(",", ":")), durable=False
             )
-            try:
-                os.write(fd, json.dumps(data, separators=(",", ":")).encode())
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.dir / _INDEX)
-        except OSError:
-            remove_quietly(tmp)
+        except VirtError:
+            return None
 
     def names(self) -> list[str]:
         """The names that have a document, sorted.
