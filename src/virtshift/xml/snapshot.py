@@ -151,9 +151,17 @@ def _parse_root(text: str | bytes) -> etree._Element:
         raise _error(err.code, err.detail, err.cause) from err
 
 
+#: Compiled ``string(path)`` expressions by path (lxml evaluates a compiled
+#: expression under its own lock, so threads can share them).
+_STRING_XPATHS: dict[str, etree.XPath] = {}
+
+
 def _xstr(node: etree._Element, path: str) -> str | None:
     """XPath ``string(path)``; None for the empty string (libvirt's virXPathString)."""
-    value = str(node.xpath(f"string({path})"))
+    expr = _STRING_XPATHS.get(path)
+    if expr is None:
+        expr = _STRING_XPATHS.setdefault(path, etree.XPath(f"string({path})"))
+    value = str(expr(node))
     return value or None
 
 
