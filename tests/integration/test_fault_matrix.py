@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -512,6 +513,39 @@ def test_qemu_killed_at_pending_keeps_the_moved_data(
     try:
         prepare(lab, op)
         qemu_killed_around_finalize(op, lab, "job-pending")
+    finally:
+        with contextlib.suppress(ERR):
+            if lab.dom.isActive():
+                lab.dom.destroy()
+
+
+def test_a_lost_intent_source_still_completes_the_snapshot(
+    conn, uri: str, root: Path, images: Path, caplog
+) -> None:
+    """The intent keeps the snapshot's domain file beside it; if that file is
+    gone when the next call recovers, the snapshot QEMU took still stands (the
+    definition follows the new overlay, nothing is left behind), without its
+    metadata, and the log says so."""
+    lab = make_lab(conn, uri, root, images, ndisks=1, proxy=False)
+    try:
+        run = root / "run" / "qemu" / f"domain-{lab.name}"
+        with child_op(lab, pivot_op("snapshot-1"), "snapshot-after-transaction") as proc:
+            assert (run / "snapshot-intent.json").exists()
+            (run / "snapshot-intent.source.xml").unlink()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with caplog.at_level(logging.WARNING, logger="virtshift"):
+            lab.dom.suspend()  # a call under the domain lock: it recovers first
+        lab.dom.resume()
+        assert not (run / "snapshot-intent.json").exists()
+        assert lab.dom.snapshotListNames() == []
+        top = lab.tops(libvirt.VIR_DOMAIN_XML_INACTIVE)["vda"][0]
+        assert "snapshot stands without its metadata" in caplog.text
+        assert top != str(lab.sd1 / "vda.qcow2")
+        assert lab.tops()["vda"][0] == top
+        assert_consistent(lab)
+        assert not sorted(lab.root.rglob(".*.tmp"))
+        finish(lab)
     finally:
         with contextlib.suppress(ERR):
             if lab.dom.isActive():

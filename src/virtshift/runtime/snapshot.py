@@ -594,9 +594,18 @@ def recover_intent(driver: Driver, name: str) -> None:
         text = data.get("snapshot")
         parts = data.get("snapshot_parts")
         if text is None and parts is not None:
-            text = SnapshotDocument.from_parts(
-                parts["head"], parts["kind"], _intent_source(path).read_bytes()
-            )
+            try:
+                source = _intent_source(path).read_bytes()
+            except OSError as err:
+                # (only if someone removed it: it is written before the intent)
+                _log.error(
+                    "domain '%s': the interrupted snapshot's domain file is gone (%s); "
+                    "the snapshot stands without its metadata",
+                    name,
+                    err.strerror,
+                )
+            else:
+                text = SnapshotDocument.from_parts(parts["head"], parts["kind"], source)
         if text is not None:
             _record_recovered(driver, rec, text)
         _log.warning("domain '%s': an interrupted snapshot was completed", name)
