@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 if TYPE_CHECKING:  # asyncio (~20 ms) and socket (~4 ms): only QEMU-talking calls need them
     import asyncio
@@ -149,8 +149,40 @@ def _answer(command: str, sent: dict[str, Any], wait: Callable[[], Any]) -> Any:
     return reply
 
 
-async def _turn() -> None:
-    """Nothing: one turn of the loop thread (see :meth:`Monitor.submit`)."""
+#: Loop turns after a command's task first runs that bring its write to the
+#: socket: its first step queues the message, the writer's next step writes it
+#: (one more for margin).
+_WRITE_TURNS: Final = 3
+
+
+async def _start(call: Coroutine[Any, Any, Any], out: concurrent.futures.Future[Any]) -> None:
+    """Start ``call`` as a task whose outcome goes to ``out``, and return once
+    its command is written (see :meth:`Monitor.submit`)."""
+    import asyncio
+
+    task = asyncio.ensure_future(call)
+
+    def settle(done: asyncio.Future[Any]) -> None:
+        if out.done():  # the caller gave up on it
+            return
+        if done.cancelled():
+            out.cancel()
+        elif (err := done.exception()) is not None:
+            out.set_exception(err)
+        else:
+            out.set_result(done.result())
+
+    def cancelled(waited: concurrent.futures.Future[Any]) -> None:
+        # the caller gave up waiting (time-out): the command is cancelled, as
+        # Monitor.execute's would be
+        if waited.cancelled():
+            loop.call_soon_threadsafe(task.cancel)
+
+    loop = asyncio.get_running_loop()
+    task.add_done_callback(settle)
+    out.add_done_callback(cancelled)
+    for _ in range(_WRITE_TURNS):
+        await asyncio.sleep(0)
 
 
 class Pending:
@@ -365,18 +397,14 @@ class Monitor:
         the command's success will need written): the command is on the wire
         before this returns, so that work does not delay it.
         """
-        import asyncio
+        import concurrent.futures
 
         sent = self._sent(command, arguments)
-        fut = asyncio.run_coroutine_threadsafe(
-            self._client.execute(command, arguments), _Loop.get()
-        )
-        # The loop thread runs callbacks in order: the command's first step
-        # queues its write, so two empty turns through the loop come back only
-        # after the write ran (and the caller's thread no longer contends with
-        # it for the GIL).
-        for _ in range(2):
-            _run(_turn(), self.timeout)
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        # One trip to the loop thread: it starts the command and comes back
+        # only after the command's write ran (so the caller's thread no longer
+        # contends with it for the GIL).
+        _run(_start(self._client.execute(command, arguments), fut), self.timeout)
         return Pending(command, sent, fut, timeout if timeout else self.timeout)
 
     @staticmethod
