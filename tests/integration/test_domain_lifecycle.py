@@ -379,14 +379,14 @@ def test_status_written_during_a_snapshot_reads_back_as_parsed(
         raise AssertionError("the status was parsed again")
 
     # with time to spare the written status is kept parsed ...
-    drv.write_prepared_status("prep", drv.prepare_status(after, spare=lambda: True))
+    drv.write_prepared_status("prep", drv.prepare_status("prep", after, spare=lambda: True))
     fresh = Driver(root).record("prep").status
     with monkeypatch.context() as patch:
         patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
         kept = drv.record("prep").status
     assert kept == fresh
     # ... without, it is not, and the next read parses the new file
-    drv.write_prepared_status("prep", drv.prepare_status(after, spare=lambda: False))
+    drv.write_prepared_status("prep", drv.prepare_status("prep", after, spare=lambda: False))
     with monkeypatch.context() as patch:
         patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
         with pytest.raises(AssertionError, match="parsed again"):

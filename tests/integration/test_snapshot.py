@@ -381,9 +381,9 @@ def test_status_is_built_while_qemu_works_but_not_while_the_guest_is_frozen(
     agent = FakeAgent(_agent_path(dom), probe=lambda: False)
     real = Driver.prepare_status
 
-    def prepare_status(self, status, **kw):  # type: ignore[no-untyped-def]
+    def prepare_status(self, name, status, **kw):  # type: ignore[no-untyped-def]
         agent.calls.append(("prepare_status", False))
-        return real(self, status, **kw)
+        return real(self, name, status, **kw)
 
     monkeypatch.setattr(Driver, "prepare_status", prepare_status)
     try:

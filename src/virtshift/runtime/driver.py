@@ -657,27 +657,22 @@ class Driver:
         self._write_status(name, status)
 
     def prepare_status(
-        self,
-        status: DomainStatus,
-        *,
-        spare: Callable[[], bool] = lambda: True,
-        name: str | None = None,
+        self, name: str, status: DomainStatus, *, spare: Callable[[], bool] = lambda: True
     ) -> PreparedStatus:
         """Everything :meth:`write_prepared_status` needs but putting the file
-        in place (done while QEMU works on a command): the text, with ``name``
-        the file itself written and synced under a temporary name, and, while
-        ``spare()`` says QEMU is still working, what reading it back gives, so
-        that the next call in this process need not parse it.
+        in place (done while QEMU works on a command): the text, written and
+        synced under a temporary name, and, while ``spare()`` says QEMU is
+        still working, what reading it back gives, so that the next call in
+        this process need not parse it.
 
         The caller either writes it or calls :meth:`PreparedStatus.discard`."""
         status = dataclasses.replace(status, caps=self._store_caps(status.caps))
         text = format_status(status)
-        file = prepare_atomic(self.status_path(name), text) if name is not None else None
+        file = prepare_atomic(self.status_path(name), text)
         try:
             read_back = self._parse_status(text.encode()) if spare() else None
         except BaseException:
-            if file is not None:
-                file.discard()
+            file.discard()
             raise
         return PreparedStatus(text=text, read_back=read_back, file=file)
 
@@ -685,17 +680,12 @@ class Driver:
         """Write a status made by :meth:`prepare_status` (caller holds the domain
         lock); the next read in this process finds it parsed, if it was."""
         path = self.status_path(name)
-        if prepared.file is not None and prepared.file.path == path:
-            prepared.file.commit()
-            key = prepared.file.key
-        else:
-            prepared.discard()
-            write_atomic(path, prepared.text)
-            # the lock keeps every other writer out, so the file is still ours
-            st = os.lstat(path)
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        assert prepared.file.path == path, (prepared.file.path, path)
+        prepared.file.commit()
         if prepared.read_back is not None:
-            self._parsed[path] = (key, prepared.read_back, prepared.text.encode())
+            # the lock keeps every other writer out, so the file is still ours
+            # (a rename keeps the key the temporary file had)
+            self._parsed[path] = (prepared.file.key, prepared.read_back, prepared.text.encode())
 
     def write_config(
         self, name: str, config: Domain | None = None, *, text: str | None = None
@@ -904,13 +894,12 @@ class PreparedStatus:
     #: What parsing the document gives (as :meth:`Driver._cached` would keep
     #: it); None when there was no time to spare for it.
     read_back: DomainStatus | None
-    #: The document written and synced under a temporary name, if it was.
-    file: PreparedFile | None = None
+    #: The document written and synced under a temporary name.
+    file: PreparedFile
 
     def discard(self) -> None:
-        """Remove the temporary file, if any and not written (safe to call twice)."""
-        if self.file is not None:
-            self.file.discard()
+        """Remove the temporary file, unless written (safe to call twice)."""
+        self.file.discard()
 
 
 def _reap(pid: int) -> None:

@@ -402,7 +402,7 @@ def _prepare_commit(
         config_text = format_domain(config, inactive=True) if config is not None else None
         return _Prepared(
             domain=status.domain,
-            status=driver.prepare_status(status, spare=busy, name=rec.name),
+            status=driver.prepare_status(rec.name, status, spare=busy),
             config=config_text,
         )
     except Exception:  # raised again by the path that does not prepare
@@ -527,6 +527,7 @@ def write_intent(
         "snapshot": None,
         "created": [ov.path for ov in plan.overlays if path_kind(ov.path) == PathKind.MISSING],
     }
+    source: bytes | None = None
     if snapshot is not None:
         if snapshot.text is not None:
             data["snapshot"] = snapshot.text
@@ -535,7 +536,7 @@ def write_intent(
             data["snapshot_parts"] = {"head": head, "kind": kind}
     path = intent_path(driver, rec.name)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if "snapshot_parts" in data:
+    if source is not None:
         # as it is, beside the intent (no JSON escaping of a whole status file),
         # and before it: an intent that names it finds it
         write_atomic(_intent_source(path), source, durable=False)
