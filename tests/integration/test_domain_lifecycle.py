@@ -349,6 +349,106 @@ def test_submitted_command_answers_like_execute(conn, two_disks, root: Path) -> 
     dom.destroy()
 
 
+def test_closing_returns_before_the_socket_is_closed_and_nothing_waits_on_it(
+    conn, two_disks, root: Path
+) -> None:
+    # close() starts the disconnection and returns; a new connection of this
+    # process waits for it, another process's waits in the socket's backlog,
+    # and a command sent meanwhile by the old object's caller is not possible
+    from virtshift.qmp import client
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("cls", [("vda", top, "qcow2")]), 0)
+    sock = str(root / "run/qemu/domain-cls/monitor.sock")
+    for _ in range(5):
+        mon = client.Monitor(sock).connect()
+        assert mon.execute("query-status")["status"] == "running"
+        mon.close()
+        assert not mon.connected
+        assert sock in client._CLOSING  # started, waited for by the next connect
+        again = client.Monitor(sock).connect_soon()
+        assert sock not in client._CLOSING
+        with again:
+            assert again.execute("query-name") == {"name": "cls"}
+    # another process connects right after this one closed
+    mon = client.Monitor(sock).connect()
+    mon.close()
+    code = (
+        "import sys; from virtshift.qmp.client import Monitor\n"
+        "with Monitor(sys.argv[1], timeout=10).connect() as m:\n"
+        "    print(m.execute('query-status')['status'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, sock], capture_output=True, text=True, timeout=60
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "running"), out.stderr
+    # a started disconnection of another process (a fork's parent) is not waited for
+    import concurrent.futures
+
+    never: concurrent.futures.Future[None] = concurrent.futures.Future()
+    client._CLOSING[sock] = (os.getpid() + 1, never)
+    with client.Monitor(sock, timeout=5).connect() as mon:
+        assert mon.execute("query-name") == {"name": "cls"}
+    assert not never.done()
+    dom.destroy()
+
+
+def test_qmp_messages_are_logged_only_at_debug(conn, two_disks, root: Path, caplog) -> None:
+    # the QMP client formats a message for its log only when the log shows it
+    import logging
+
+    from virtshift.qmp.client import Monitor
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("qlog", [("vda", top, "qcow2")]), 0)
+    sock = str(root / "run/qemu/domain-qlog/monitor.sock")
+    with caplog.at_level(logging.DEBUG, logger="qemu.qmp"), Monitor(sock).connect() as mon:
+        assert mon.execute("query-name") == {"name": "qlog"}
+    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--> ")]
+    got = [r.getMessage() for r in caplog.records if r.getMessage().startswith("<-- ")]
+    assert any('"execute": "query-name"' in m for m in sent), sent
+    assert any('"name": "qlog"' in m for m in got), got
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qemu.qmp"), Monitor(sock).connect() as mon:
+        assert mon.execute("query-name") == {"name": "qlog"}
+    assert not [r for r in caplog.records if r.getMessage().startswith(("--> ", "<-- "))]
+    dom.destroy()
+
+
+def test_a_qemu_is_checked_again_when_its_pid_names_another_process(
+    conn, two_disks, root: Path, monkeypatch
+) -> None:
+    # a domain's QEMU is identified once (command line, working directory);
+    # later reads trust the pid only while its start time stays the same
+    from virtshift.runtime import driver as drvmod
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("ident", [("vda", top, "qcow2")]), 0)
+    drv = conn._driver
+    assert drv.record("ident").status is not None
+    pid = drv.record("ident").status.pid
+    assert any(key[0] == pid and key[2] == "ident" for key in drvmod._VERIFIED)
+    reads: list[int] = []
+    real = drvmod._cmdline
+
+    def counting(p: int) -> list[str]:
+        reads.append(p)
+        return real(p)
+
+    monkeypatch.setattr(drvmod, "_cmdline", counting)
+    assert drv.record("ident").status is not None
+    assert reads == []  # known: not read again
+    # the same pid with another start time is another process: read again,
+    # and a process whose command line is not the domain's QEMU is not it
+    monkeypatch.setattr(drvmod, "_proc_start", lambda p: b"1")
+    monkeypatch.setattr(drvmod, "_cmdline", lambda p: reads.append(p) or ["sleep", "100"])
+    assert drv._read_status("ident") is None  # (nothing cleared: a read only)
+    assert reads == [pid]
+    monkeypatch.undo()
+    assert drv.record("ident").status is not None
+    dom.destroy()
+
+
 def test_status_written_during_a_snapshot_reads_back_as_parsed(
     conn, two_disks, root: Path, monkeypatch
 ) -> None:

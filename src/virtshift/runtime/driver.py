@@ -533,7 +533,11 @@ class Driver:
             finally:
                 mon.close()
             status = dataclasses.replace(status, caps=caps, domain=live)
-            self._write_status(name, status)
+            # read back now, while QEMU's start is the cost: the first locked
+            # call on the domain in this process then finds it parsed, and its
+            # QEMU known (_qemu_alive)
+            self.write_prepared_status(name, self.prepare_status(name, status))
+            _qemu_alive(status, rundir)
         except BaseException:
             _kill(proc.pid)
             self._clear_runtime(name)
@@ -814,18 +818,27 @@ def _check_root_owner(root: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    return _proc_start(pid) is not None
+
+
+def _proc_start(pid: int) -> bytes | None:
+    """When process ``pid`` started (``/proc/PID/stat`` field 22, clock ticks
+    since boot), or None if it is gone or a zombie.  A pid and its start time
+    name one process: a reused pid starts later."""
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is not None:
         _CHILDREN.pop(pid, None)  # another thread may have seen it end too
-        return False
+        return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
-    # state is the field after the parenthesised command name
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+        return None
+    # the fields after the parenthesised command name: state first, start time 20th
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if not fields or fields[0] in (b"Z", b"X") or len(fields) < 20:
+        return None
+    return fields[19]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -836,13 +849,25 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+#: Processes found to be a domain's QEMU by :func:`_qemu_alive`: (pid, start
+#: time, domain name, UUID, run directory).  A process's command line and
+#: working directory are read once; later checks only see that it still runs.
+_VERIFIED: set[tuple[int, bytes, str, str, str]] = set()
+
+
 def _qemu_alive(status: DomainStatus, rundir: Path) -> bool:
     """True when ``status.pid`` is alive and is the QEMU of that domain, started
     here: its command line names the domain and its UUID, and it runs in this
     root's run directory of the domain (a QEMU of the same domain under another
     root, or of another user, is not ours)."""
-    if status.pid <= 0 or not _pid_alive(status.pid):
+    if status.pid <= 0:
         return False
+    start = _proc_start(status.pid)
+    if start is None:
+        return False
+    key = (status.pid, start, status.domain.name, status.domain.uuid, str(rundir))
+    if key in _VERIFIED:
+        return True
     argv = _cmdline(status.pid)
     want = f"guest={status.domain.name},debug-threads=on"
     if want not in argv or status.domain.uuid not in argv:
@@ -851,7 +876,12 @@ def _qemu_alive(status: DomainStatus, rundir: Path) -> bool:
         cwd = os.readlink(f"/proc/{status.pid}/cwd")
     except OSError:  # another user's process, or gone
         return False
-    return cwd == os.path.realpath(rundir)
+    if cwd != os.path.realpath(rundir):
+        return False
+    if len(_VERIFIED) >= 4096:
+        _VERIFIED.clear()
+    _VERIFIED.add(key)
+    return True
 
 
 def _kill(pid: int, grace: float = 5.0) -> None:
