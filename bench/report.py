@@ -565,6 +565,7 @@ def numbers_section(results: dict[str, Any], out_dir: Path, repo: Path) -> str:
                 f"{g['slopes']} | linear or better (slope ≤ 1.1) | {verdict(g['pass'])} |"
             )
     L.append("")
+    L.extend(_floor_section(rows))
     # details
     snaps = [r for r in rows if r["row"] == "snapshot"]
     if snaps:
@@ -757,6 +758,63 @@ _PHASE_COLS = [
     "state files put in place (rename + directory fsync)",
     "take the domain lock",
 ]
+
+
+def _floor_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The snapshot rows' floor: the steps of a crash-safe call without a
+    daemon, in their cheapest form, against the targets' budgets."""
+    snaps = [r for r in rows if r["row"] == "snapshot" and "floor" in r.get("series", {})]
+    if not snaps:
+        return []
+    L = [
+        "### The floor of a snapshot call (same run)",
+        "",
+        "`floor`: what any crash-safe implementation without a daemon does around "
+        "the raw `transaction`, each step in its cheapest Python form and nothing "
+        "of the request's own: take the domain's lock, read and parse the state "
+        "file, parse the request, read each pre-created overlay's header, write "
+        "the intent, connect and negotiate QMP (overlapping the above), the "
+        "transaction, write and sync the new state and metadata files while QEMU "
+        "works, put them in place after the reply, remove the intent, disconnect. "
+        "Where the floor is above a target's budget (its median, and its paired "
+        "ratio in three repetitions of four), no implementation of that shape "
+        "meets the target (bench/virtshift_bench.py, `_FloorSnap`).",
+        "",
+        "| disks, overlays | raw | floor | floor ÷ raw | virtshift | virtshift ÷ floor "
+        "| 1.3x raw | libvirt ÷ 2 | the floor says |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in snaps:
+        s = r["series"]
+        raw, floor, vs = s.get("raw"), s["floor"], s.get("virtshift")
+        lv = s.get("libvirt")
+        budget = 1.3 * raw["median"] if raw else None
+        half = lv["median"] / 2 if lv else None
+        says = []
+        for name, limit, paired, need in (
+            ("≤ 1.3x raw", budget, r.get("floor_raw") or {}, 1.3),
+            ("2x libvirt", half, r.get("floor_lv") or {}, 0.5),
+        ):
+            if limit is None:
+                continue
+            if floor["median"] <= limit:
+                says.append(f"{name}: {fmt_t(limit - floor['median'])} left above the floor")
+            elif paired.get("paired_q1", 0) > need:
+                # in three repetitions of four the floor alone was over the budget
+                says.append(f"{name}: floor above it, cannot hold")
+            else:
+                says.append(f"{name}: floor at the budget (within the spread)")
+        fr = (r.get("floor_raw") or {}).get("ratio")
+        vf = (r.get("vs_floor") or {}).get("ratio")
+        L.append(
+            f"| {r['size']}, {r['variant']} | {fmt_t(raw['median']) if raw else '-'} | "
+            f"{fmt_t(floor['median'])} | {f'{fr:.2f}x' if fr else '-'} | "
+            f"{fmt_t(vs['median']) if vs else '-'} | {f'{vf:.2f}x' if vf else '-'} | "
+            f"{fmt_t(budget) if budget else '-'} | {fmt_t(half) if half else '-'} | "
+            f"{'; '.join(says) or '-'} |"
+        )
+    L.append("")
+    return L
 
 
 def _phase_sum(ph: dict[str, Any], col: str) -> float:

@@ -582,6 +582,7 @@ class _VsSnap(_SnapSystem):
         flags = SNAP_FLAGS | (vlv.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT if self.reuse else 0)
         xml = snapshot_xml(f"s{k}", new)
         box: list[Any] = []
+        os.sync()  # no writeback of what ran before counts against this call
         t0 = time.perf_counter()
         if how == "phases":
             with Phases() as ph:
@@ -668,11 +669,9 @@ class _RawSnap(_SnapSystem):
         nodes = self.b.top_nodes(self.raw)
         self.nodes = [nodes[f"virtio-disk{i}"] for i in range(self.n)]
 
-    def rep(self, k: int, how: str = "timed") -> float:
-        assert self.raw is not None
-        new = self._new(k)
-        names = [f"raw-{k}-{i}" for i in range(self.n)]
-        actions = [
+    def _actions(self, new: list[str], names: list[str]) -> list[dict[str, Any]]:
+        """The snapshot's ``transaction`` actions: each disk's top onto ``new``."""
+        return [
             {
                 "type": "blockdev-snapshot-sync",
                 "data": {
@@ -685,6 +684,13 @@ class _RawSnap(_SnapSystem):
             }
             for i in range(self.n)
         ]
+
+    def rep(self, k: int, how: str = "timed") -> float:
+        assert self.raw is not None
+        new = self._new(k)
+        names = [f"raw-{k}-{i}" for i in range(self.n)]
+        actions = self._actions(new, names)
+        os.sync()  # as _VsSnap.rep
         t0 = time.perf_counter()
         self.raw.execute("transaction", {"actions": actions})
         t = time.perf_counter() - t0
@@ -704,6 +710,100 @@ class _RawSnap(_SnapSystem):
             proc.wait()
             self.proc = None
         super().teardown()
+
+
+class _FloorSnap(_RawSnap):
+    """The floor of a crash-safe call without a daemon: the steps any such
+    implementation takes around the same raw ``transaction``, each in its
+    cheapest form, and nothing of a request's own (no model, no checks but
+    the REUSE_EXT overlay's header read, no XML formatting):
+
+    take the domain's lock (``flock``); read and parse the state file (lxml);
+    parse the request (lxml); read each pre-created overlay's header; write
+    the intent (runtime: rename, no ``fsync``, as virtshift's); connect and
+    negotiate QMP (started first, so it overlaps the above); the transaction,
+    while QEMU works write and sync the new state file and the new metadata
+    document under temporary names; after the reply rename both, sync both
+    directories, remove the intent, start the disconnection, drop the lock.
+
+    The state and metadata bytes are the twin's virtshift status file as it
+    was after start (the size of what virtshift writes).  Same twin QEMU as
+    ``raw``; run as a third system of the row."""
+
+    name = "floor"
+
+    def setup(self, k: int) -> None:
+        super().setup(k)
+        assert self.raw is not None
+        assert self.dir is not None
+        self.raw.close()  # connected inside the timed call instead
+        self.raw = None
+        status = self.b.root / "run" / "qemu" / f"raw{self.tag}-{k}.xml"
+        self.state = self.dir / "floor-run"
+        self.meta = self.dir / "floor-snapshots"
+        self.state.mkdir()
+        self.meta.mkdir()
+        # without a twin (no virtshift status file), a status of the same size
+        text = status.read_bytes() if status.exists() else b"<domstatus/>" + b" " * 600 * self.n
+        (self.state / "status.xml").write_bytes(text)
+        self.monitor = self.b.monitor_path(f"raw{self.tag}-{k}")
+
+    def rep(self, k: int, how: str = "timed") -> float:
+        import fcntl
+
+        from lxml import etree
+        from qemu.qmp import QMPClient
+
+        new = self._new(k)
+        names = [f"floor-{k}-{i}" for i in range(self.n)]
+        request = snapshot_xml(f"s{k}", new)
+        actions = self._actions(new, names)
+        loop = RawQMP.loop()
+        client = QMPClient("bench-floor")
+        state, meta = self.state, self.meta
+        os.sync()  # as _VsSnap.rep
+        t0 = time.perf_counter()
+        lock = os.open(state / "domain.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        connecting = asyncio.run_coroutine_threadsafe(client.connect(self.monitor), loop)
+        with open(state / "status.xml", "rb") as f:
+            text = f.read()
+        etree.fromstring(text)
+        paths = [e.get("file") for e in etree.fromstring(request.encode()).iter("source")]
+        if self.reuse:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                os.pread(fd, 512, 0)
+                os.close(fd)
+        intent = state / "intent.json"
+        with open(state / "intent.json.tmp", "w") as f:
+            f.write(json.dumps({"new": names, "paths": paths}))
+        os.replace(state / "intent.json.tmp", intent)
+        connecting.result(30)
+        pending = asyncio.run_coroutine_threadsafe(
+            client.execute("transaction", {"actions": actions}), loop
+        )
+        tmps = []
+        for d, name in ((state, "status.xml"), (meta, f"s{k}.xml")):
+            fd = os.open(d / f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, text)
+            os.fsync(fd)
+            os.close(fd)
+            tmps.append((d, name))
+        pending.result(600)
+        for d, name in tmps:
+            os.replace(d / f".{name}.tmp", d / name)
+        for d in (state, meta):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
+        os.unlink(intent)
+        closing = asyncio.run_coroutine_threadsafe(client.disconnect(), loop)
+        os.close(lock)
+        t = time.perf_counter() - t0
+        closing.result(10)
+        self.nodes, self.tops = names, new
+        return t
 
 
 class _LvSnap(_SnapSystem):
@@ -948,6 +1048,8 @@ class Bench:
                 probe.teardown()
         systems: list[Any] = [_RawSnap(self, n, mode, row, tag, twin=vs_ok)]
         if vs_ok:
+            systems.append(_FloorSnap(self, n, mode, row, tag + "f"))
+        if vs_ok:
             systems.append(_VsSnap(self, n, mode, row, tag))
         if self.lv is not None:
             systems.append(_LvSnap(self, n, mode, row, tag))
@@ -1003,6 +1105,9 @@ class Bench:
                 row["series"][name] = stats(xs)
         row["vs_raw"] = ratio_info(times.get("virtshift", []), times.get("raw", []))
         row["lv_vs"] = ratio_info(times.get("libvirt", []), times.get("virtshift", []))
+        row["floor_raw"] = ratio_info(times.get("floor", []), times.get("raw", []))
+        row["vs_floor"] = ratio_info(times.get("virtshift", []), times.get("floor", []))
+        row["floor_lv"] = ratio_info(times.get("floor", []), times.get("libvirt", []))
         self.add_row(row)
         log("  " + summary_line(row))
 
