@@ -719,13 +719,16 @@ def take_snapshot(
     from virtshift.runtime.blockjob import BlockJobOps
 
     jobs = BlockJobOps(driver)
+    unended = any(not j.state.ended for j in rec.status.jobs)
+    # (rec was read under this lock: with no job to bring up to date, reconcile
+    # would change nothing, and the overlays are looked at while the monitor
+    # connects)
+    before = None if unended else preflight(plan, rec.definition)
     with monitor if monitor is not None else Monitor(rec.status.monitor) as mon:
-        if any(not j.state.ended for j in rec.status.jobs):
-            # (rec was read under this lock: with no job to bring up to date,
-            # reconcile would change nothing)
+        if before is None:
             jobs.reconcile(rec.name, mon)
             rec = driver.record(rec.name)
-        before = preflight(plan, rec.definition)
+            before = preflight(plan, rec.definition)
         if plan.reuse and any(ov.mirror is not None for ov in plan.overlays):
             _check_reused_mirrors(plan, mon, rec)
         take_live(driver, rec, plan, mon, kinds=before, window=window)
@@ -961,16 +964,26 @@ class Snapshots:
         self._parsed[(domain, document)] = (key, snap)
         return snap
 
-    def load(self, domain: str, *, need: tuple[str, ...] = ()) -> tuple[SnapshotTree, Definitions]:
+    def load(
+        self, domain: str, *, need: tuple[str, ...] = (), domain_locked: bool = False
+    ) -> tuple[SnapshotTree, Definitions]:
         """The domain's snapshot tree and definitions, as of one moment (the files
         are read under the shared metadata lock: no change is seen half-done).
 
         :param need: names whose definitions are parsed under that lock too.
+        :param domain_locked: the caller holds the domain lock.  Every writer of
+            the metadata holds it too, so nothing changes while it is held and
+            the shared metadata lock is not taken.
         """
         store = self.store(domain)
         entries: dict[str, IndexEntry] = {}
         defs: dict[str, SnapshotDef] = {}
-        with self.driver.metadata_lock(domain, shared=True).hold("read"):
+        reading = (
+            contextlib.nullcontext()
+            if domain_locked
+            else self.driver.metadata_lock(domain, shared=True).hold("read")
+        )
+        with reading:
             keys = store.keys()
             index = store.read_index()
             stale = index.keys() != keys.keys()
@@ -1121,7 +1134,7 @@ class Snapshots:
         """:meth:`create` of a new snapshot, domain lock held; ``monitor``: the
         running domain's, being connected."""
         domain = rec.name
-        tree, defs = self.load(domain)
+        tree, defs = self.load(domain, domain_locked=True)
         snap = apply_creation_defaults(parse_snapshot(xml), creation_time=now())
         assert snap.name is not None
         check_snapshot_name(snap.name)
