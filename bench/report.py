@@ -16,7 +16,7 @@ END = "<!-- END GENERATED NUMBERS -->"
 
 TARGET_VS_RAW = {"snapshot": 1.3, "pivot": 1.5, "migrate": 1.15}
 LIST_TARGET_S = 0.25
-COLORS = {"virtshift": "tab:blue", "raw": "tab:gray", "libvirt": "tab:orange"}
+COLORS = {"virtshift": "tab:blue", "raw": "tab:gray", "libvirt": "tab:orange", "floor": "black"}
 
 
 def fmt_t(s: float | None) -> str:
@@ -154,7 +154,7 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
         if not snaps:
             _empty(ax, f"snapshots ({mode}): not measured")
             continue
-        for sysname in ("virtshift", "raw", "libvirt"):
+        for sysname in ("virtshift", "floor", "raw", "libvirt"):
             pts = [
                 (r["size"], r["series"][sysname]) for r in snaps if sysname in r.get("series", {})
             ]
@@ -164,7 +164,9 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
             med = [p[1]["median"] * 1000 for p in pts]
             lo = [(p[1]["median"] - p[1]["min"]) * 1000 for p in pts]
             hi = [(p[1]["max"] - p[1]["median"]) * 1000 for p in pts]
-            label = {"raw": "raw QMP transaction"}.get(sysname, sysname)
+            label = {"raw": "raw QMP transaction", "floor": "floor (see BENCHMARKS.md)"}.get(
+                sysname, sysname
+            )
             ax.errorbar(
                 xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label, color=COLORS[sysname]
             )
