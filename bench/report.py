@@ -388,6 +388,8 @@ def _plot_pivot(ax: Any, rows: list[dict[str, Any]]) -> None:
             (f"virtshift\n{short}", r["series"].get("virtshift"), COLORS["virtshift"]),
             ("raw\ncomplete", r["series"].get("raw"), COLORS["raw"]),
         ]
+        if "floor" in r["series"]:
+            bars.insert(1, ("floor", r["series"]["floor"], COLORS["floor"]))
         if "raw_attach" in r["series"]:
             att = r["series"]["raw_attach"]["median"]
             bars.append(
@@ -645,6 +647,23 @@ def numbers_section(results: dict[str, Any], out_dir: Path, repo: Path) -> str:
                 f"- {r['what']} ({fmt_t(ph['total_ms'] / 1000)} instrumented): "
                 + ", ".join(f"{k} {ms:.1f} ms ×{n}" for k, ms, n in top)
             )
+            fl, rw = r.get("series", {}).get("floor"), r.get("series", {}).get("raw")
+            if fl and rw:
+                budget = TARGET_VS_RAW["pivot"] * rw["median"]
+                fr = r.get("floor_raw") or {}
+                if fl["median"] <= budget:
+                    says = f"{fmt_t(budget - fl['median'])} left above the floor"
+                elif fr.get("paired_q1", 0) > TARGET_VS_RAW["pivot"]:
+                    says = "the floor is above it: cannot hold"
+                else:
+                    says = "the floor is at it (within the spread)"
+                L.append(
+                    "  - floor (the steps of a crash-safe pivot without a daemon around the raw "
+                    f"complete, `_PivotFloor`): {fmt_series(fl)}, "
+                    f"{fr.get('ratio', 0):.2f}x raw "
+                    f"[{fr.get('paired_q1', 0):.2f}–{fr.get('paired_q3', 0):.2f}]; "
+                    f"≤ 1.5x raw is {fmt_t(budget)}: {says}"
+                )
             if "raw_attach" in r.get("series", {}):
                 ra = r["vs_raw_attach"].get("ratio")
                 L.append(

@@ -806,6 +806,118 @@ class _FloorSnap(_RawSnap):
         return t
 
 
+class _PivotFloor:
+    """The floor of a crash-safe pivot without a daemon (PIVOT row): around
+    the raw ``block-job-complete`` -> ``BLOCK_JOB_COMPLETED``, the steps any
+    such implementation takes, each in its cheapest form: the domain's lock,
+    the state file read and parsed, QMP connected and negotiated (started
+    first), the pivot's intent written durably before QEMU is asked, the
+    completion's ``error`` read, the result written durably, the job
+    dismissed (``auto-dismiss`` off: a process that dies still finds the
+    outcome), the disconnection started.  Not done: removing the old chain
+    from QEMU's graph, reading the graph back.  Each repetition's mirror is
+    set up to ready over a connection of its own, untimed."""
+
+    def __init__(self, monitor: str, node: str, status: Path, d: Path) -> None:
+        self.monitor, self.node, self.dir = monitor, node, d
+        self.state = d / "run"
+        self.state.mkdir()
+        self.text = status.read_bytes()
+        (self.state / "status.xml").write_bytes(self.text)
+        self._next = node
+
+    async def _ready(self, k: int, dest: str) -> str:
+        from qemu.qmp import EventListener, QMPClient
+
+        client = QMPClient("bench-floor-setup")
+        await client.connect(self.monitor)
+        try:
+            fmt, sto, job = f"fc{k}-format", f"fc{k}-storage", f"floor-{k}"
+            await client.execute(
+                "blockdev-add",
+                {"driver": "file", "filename": dest, "node-name": sto, "auto-read-only": True},
+            )
+            await client.execute(
+                "blockdev-add",
+                {"node-name": fmt, "driver": "qcow2", "file": sto, "backing": None},
+            )
+            lst = EventListener(("BLOCK_JOB_READY",))
+            with client.listen(lst):
+                await client.execute(
+                    "blockdev-mirror",
+                    {
+                        "job-id": job,
+                        "device": self.node,
+                        "target": fmt,
+                        "sync": "full",
+                        "auto-dismiss": False,
+                    },
+                )
+                while True:
+                    ev = await asyncio.wait_for(lst.get(), 600)
+                    if dict(ev.get("data", {})).get("device") == job:
+                        break
+            self._next = fmt
+            return job
+        finally:
+            await client.disconnect()
+
+    def rep(self, k: int) -> float:
+        import fcntl
+
+        from lxml import etree
+        from qemu.qmp import EventListener, QMPClient
+
+        dest = str(self.dir / f"c{k + 1}.qcow2")
+        img("create", "-q", "-f", "qcow2", dest, "64M")
+        loop = RawQMP.loop()
+        job = asyncio.run_coroutine_threadsafe(self._ready(k, dest), loop).result(600)
+        client = QMPClient("bench-floor")
+        state = self.state
+
+        def durable(name: str, data: bytes) -> None:
+            fd = os.open(state / f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(state / f".{name}.tmp", state / name)
+            dfd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
+
+        async def complete() -> dict[str, Any]:
+            lst = EventListener(("BLOCK_JOB_COMPLETED",))
+            with client.listen(lst):
+                await client.execute("block-job-complete", {"device": job})
+                while True:
+                    ev = await asyncio.wait_for(lst.get(), 600)
+                    if dict(ev.get("data", {})).get("device") == job:
+                        return dict(ev)
+
+        os.sync()  # as the other systems' reps
+        t0 = time.perf_counter()
+        lock = os.open(state / "domain.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        connecting = asyncio.run_coroutine_threadsafe(client.connect(self.monitor), loop)
+        with open(state / "status.xml", "rb") as f:
+            etree.fromstring(f.read())
+        durable("pivot-intent.json", json.dumps({"job": job, "pivot": dest}).encode())
+        connecting.result(30)
+        ev = asyncio.run_coroutine_threadsafe(complete(), loop).result(600)
+        assert not ev["data"].get("error"), ev
+        durable("status.xml", self.text)
+        asyncio.run_coroutine_threadsafe(client.execute("job-dismiss", {"id": job}), loop).result(
+            60
+        )
+        os.unlink(state / "pivot-intent.json")
+        closing = asyncio.run_coroutine_threadsafe(client.disconnect(), loop)
+        os.close(lock)
+        t = time.perf_counter() - t0
+        closing.result(10)
+        self.node = self._next
+        return t
+
+
 class _LvSnap(_SnapSystem):
     """libvirt 9.0, through the side script (uid 65534, its own images)."""
 
@@ -1181,12 +1293,24 @@ class Bench:
         (d / "raw").mkdir()
         cp_sparse(golden, d / "vs" / "c0.qcow2")
         cp_sparse(golden, d / "raw" / "c0.qcow2")
+        (d / "floor").mkdir()
+        cp_sparse(golden, d / "floor" / "c0.qcow2")
         dom = self.vs_start("pivvs", [str(d / "vs" / "c0.qcow2")])
         twin = self.vs_start("pivraw", [str(d / "raw" / "c0.qcow2")])
+        ftwin = self.vs_start("pivfloor", [str(d / "floor" / "c0.qcow2")])
         raw = RawQMP(self.monitor_path("pivraw"))
         rawst = {"node": self.top_nodes(raw)["virtio-disk0"], "path": str(d / "raw" / "c0.qcow2")}
         vsst = {"path": str(d / "vs" / "c0.qcow2")}
-        times: dict[str, list[float]] = {"virtshift": [], "raw": []}
+        fraw = RawQMP(self.monitor_path("pivfloor"))
+        fnode = self.top_nodes(fraw)["virtio-disk0"]
+        fraw.close()
+        floor = _PivotFloor(
+            self.monitor_path("pivfloor"),
+            fnode,
+            self.root / "run" / "qemu" / "pivfloor.xml",
+            d / "floor",
+        )
+        times: dict[str, list[float]] = {"virtshift": [], "raw": [], "floor": []}
 
         def vs_rep(k: int) -> float:
             dest = d / "vs" / f"c{k + 1}.qcow2"
@@ -1253,7 +1377,9 @@ class Bench:
 
         try:
             for k in range(warm + reps):
-                for name, fn in rotate([("virtshift", vs_rep), ("raw", raw_rep)], k):
+                for name, fn in rotate(
+                    [("virtshift", vs_rep), ("raw", raw_rep), ("floor", floor.rep)], k
+                ):
                     t = fn(k)
                     if k >= warm:
                         times[name].append(t)
@@ -1285,12 +1411,15 @@ class Bench:
             raw.close()
             self.destroy(dom)
             self.destroy(twin)
+            self.destroy(ftwin)
         row = {
             "row": "pivot",
             "what": "blockJobAbort PIVOT (ready blockCopy): call to job end",
             "variant": "blockJobAbort",
-            "series": {k: stats(v) for k, v in times.items()},
+            "series": {k: stats(v) for k, v in times.items() if v},
             "vs_raw": ratio_info(times["virtshift"], times["raw"]),
+            "floor_raw": ratio_info(times["floor"], times["raw"]),
+            "vs_floor": ratio_info(times["virtshift"], times["floor"]),
             "phases": phases,
             "profile": str(prof.relative_to(self.out)),
             "errors": {},
