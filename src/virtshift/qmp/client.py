@@ -61,10 +61,6 @@ class _Loop:
                     target=loop.run_forever, name="virtshift-qmp", daemon=True
                 )
                 thread.start()
-                if cls._loop is None:
-                    import atexit
-
-                    atexit.register(_close_all)
                 cls._loop, cls._pid = loop, os.getpid()
             return cls._loop
 
@@ -84,12 +80,6 @@ def _wait(fut: concurrent.futures.Future[_T], timeout: float | None) -> _T:
         raise
 
 
-#: Disconnections started by :meth:`Monitor.close`, by monitor path, with the
-#: pid that started them (a fork child does not wait for its parent's).
-_CLOSING: dict[str, tuple[int, concurrent.futures.Future[None]]] = {}
-_CLOSING_LOCK = threading.Lock()
-
-
 async def _disconnect(client: Any, listener: asyncio.Future[None] | None) -> None:
     if listener is not None:
         listener.cancel()
@@ -97,25 +87,6 @@ async def _disconnect(client: Any, listener: asyncio.Future[None] | None) -> Non
         await client.disconnect()
     except Exception:  # disconnect of a dead peer
         _log.debug("disconnect failed", exc_info=True)
-
-
-def _closed(path: str, timeout: float = 10.0) -> None:
-    """Wait until this process's last connection to ``path`` is closed."""
-    with _CLOSING_LOCK:
-        pid, fut = _CLOSING.pop(path, (0, None))
-    if fut is not None and pid == os.getpid():
-        try:
-            fut.result(timeout)
-        except Exception:  # time-out: connect anyway, QEMU accepts once it is gone
-            _log.debug("monitor %s: earlier disconnect unfinished", path, exc_info=True)
-
-
-def _close_all() -> None:
-    """At exit: let started disconnections finish (bounded), so QEMU sees a clean close."""
-    with _CLOSING_LOCK:
-        pending = list(_CLOSING)
-    for path in pending:
-        _closed(path, 1.0)
 
 
 _CLIENT_CLASS: Any = None
@@ -298,6 +269,12 @@ class Monitor:
         self.greeting: dict[str, Any] = {}
         #: a connection started by :meth:`connect_soon`, not yet waited for
         self._connecting: tuple[socket.socket, concurrent.futures.Future[None]] | None = None
+        #: the disconnection, once :meth:`close` started it
+        self._closing: concurrent.futures.Future[None] | None = None
+        #: whether leaving a ``with`` block waits for the disconnection (see
+        #: :meth:`close`); an owner that closes it again under its lock may
+        #: let it overlap its own last steps
+        self.exit_waits = True
 
     # -- connection -------------------------------------------------------
 
@@ -314,7 +291,6 @@ class Monitor:
         """
         if self._connecting is not None and self._finish_connecting():
             return self
-        _closed(self.path)
         _check_socket(self.path)
         for attempt in range(4):
             try:
@@ -348,7 +324,6 @@ class Monitor:
         :meth:`close` waits for it too."""
         import asyncio
 
-        _closed(self.path)
         try:
             _check_socket(self.path)
             sock = connect_unix(self.path)
@@ -379,6 +354,7 @@ class Monitor:
         :raise VirtError: as :meth:`connect`.
         """
         self.close()
+        self._closing = None
         self._client = _new_client(self.path)
         with self._cond:
             self._events.clear()
@@ -411,25 +387,31 @@ class Monitor:
                     except Exception:  # a callback must not kill the pump
                         _log.exception("event callback failed")
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         """Disconnect (safe to call twice).
 
-        Returns once the disconnection is started, not finished: the loop
-        thread closes the socket while the caller goes on (about 1 ms).  The
-        next connection of this process to the same monitor waits for it
-        (:func:`_closed`); another process's connection waits in the socket's
-        backlog until QEMU accepts it, as it would behind any other client.
+        :param wait: return once the socket is closed.  With False, the loop
+            thread closes it while the caller goes on (about 1 ms); a later
+            ``close()`` waits for it.  The caller must do that before it gives
+            up the lock it used the monitor under: QEMU takes the next client
+            only once this one is gone, and a process that stops in between
+            (SIGSTOP, a debugger) would keep the monitor from the next holder.
         """
         import asyncio
 
-        if self._connecting is not None:
-            self._finish_connecting()
-        loop = _Loop.get()
-        task = self._listener_task
-        self._listener_task = None
-        fut = asyncio.run_coroutine_threadsafe(_disconnect(self._client, task), loop)
-        with _CLOSING_LOCK:
-            _CLOSING[self.path] = (os.getpid(), fut)
+        if self._closing is None:
+            if self._connecting is not None:
+                self._finish_connecting()
+            task = self._listener_task
+            self._listener_task = None
+            self._closing = asyncio.run_coroutine_threadsafe(
+                _disconnect(self._client, task), _Loop.get()
+            )
+        if wait:
+            try:
+                self._closing.result(10.0)
+            except Exception:  # time-out: logged; QEMU drops a client that is gone
+                _log.warning("monitor %s: disconnect did not finish", self.path, exc_info=True)
 
     @property
     def connected(self) -> bool:
@@ -440,7 +422,7 @@ class Monitor:
         return self if self.connected else self.connect()
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(wait=self.exit_waits)
 
     # -- commands ---------------------------------------------------------
 
