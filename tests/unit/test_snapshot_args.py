@@ -243,3 +243,69 @@ def test_empty_name_or_description(option: str) -> None:
         build_snapshot_xml(name=values["name"], description=values["description"], diskspecs=[])
     assert info.value.code == ErrorCode.INVALID_ARG
     assert f"--{option}" in info.value.message
+
+
+def test_overlays_are_applied_in_one_pass_as_one_by_one() -> None:
+    # apply_overlays / config_after rebuild the domain once; the result is what
+    # putting the overlays on one at a time gives, stacked ones included, and a
+    # disk the definition lacks is left out of config_after only
+    import dataclasses
+
+    from virtshift.model.domain import StorageSource
+    from virtshift.ops.snapshot import OverlayPlan, apply_overlays, config_after
+    from virtshift.xml.domain import parse_domain
+
+    disks = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='/x/d{i}.qcow2'/><target dev='vd{chr(97 + i)}' bus='virtio'/></disk>"
+        for i in range(6)
+    )
+    dom = parse_domain(
+        "<domain type='qemu'><name>p</name><memory unit='MiB'>128</memory>"
+        f"<os><type arch='x86_64'>hvm</type></os><devices>{disks}</devices></domain>"
+    )
+    ovs = [
+        OverlayPlan(target="vdc", path="/x/c1.qcow2", node="n3", index=7, new_node="n7"),
+        OverlayPlan(target="vda", path="/x/a1.qcow2", node="n1", index=8, new_node="n8"),
+        OverlayPlan(target="vdc", path="/x/c2.qcow2", node="n7", index=9, new_node="n9"),
+        OverlayPlan(target="vdf", path="/dev/vg/f1", type="block", node="n6", index=10),
+    ]
+
+    def one_by_one_live(domain, overlays):
+        for ov in overlays:
+            disk = domain.disk(ov.target)
+            top = StorageSource(
+                type=ov.type,
+                path=ov.path,
+                format=ov.format,
+                index=ov.index,
+                node_name=ov.new_node,
+                backing=disk.source,
+                backing_end=False,
+            )
+            domain = domain.with_disk(dataclasses.replace(disk, type=ov.type, source=top))
+        return domain
+
+    def one_by_one_config(domain, overlays):
+        for ov in overlays:
+            disk = domain.disk(ov.target)
+            if disk is None:
+                continue
+            src = StorageSource(type=ov.type, path=ov.path, format=ov.format)
+            domain = domain.with_disk(dataclasses.replace(disk, type=ov.type, source=src))
+        return domain
+
+    live = apply_overlays(dom, ovs)
+    assert live == one_by_one_live(dom, ovs)
+    assert [layer.path for layer in live.disk("vdc").source.chain()] == [
+        "/x/c2.qcow2",
+        "/x/c1.qcow2",
+        "/x/d2.qcow2",
+    ]
+    assert live.disk("vdf").type == "block"
+    assert live.disk("vdb") is dom.disk("vdb")
+    gone = [*ovs, OverlayPlan(target="vdz", path="/x/z.qcow2")]
+    assert config_after(dom, gone) == one_by_one_config(dom, gone)
+    assert config_after(dom, []) is dom
+    with pytest.raises(AssertionError, match="vdz"):
+        apply_overlays(dom, gone)

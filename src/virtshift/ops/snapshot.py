@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -509,10 +509,12 @@ def transaction_actions(plan: SnapshotPlan) -> list[dict[str, Any]]:
 
 
 def apply_overlays(domain: Domain, overlays: tuple[OverlayPlan, ...] | list[OverlayPlan]) -> Domain:
-    """``domain`` with each overlay on top of its disk's chain."""
-    for ov in overlays:
-        disk = domain.disk(ov.target)
-        assert disk is not None
+    """``domain`` with each overlay on top of its disk's chain.
+
+    One pass over the disks (a snapshot of 64 disks rebuilt the domain once
+    per disk); overlays of the same disk stack in their order."""
+
+    def on(disk: Disk, ov: OverlayPlan) -> Disk:
         top = StorageSource(
             type=ov.type,
             path=ov.path,
@@ -522,17 +524,38 @@ def apply_overlays(domain: Domain, overlays: tuple[OverlayPlan, ...] | list[Over
             backing=disk.source,
             backing_end=False,
         )
-        domain = domain.with_disk(dataclasses.replace(disk, type=ov.type, source=top))
-    return domain
+        return dataclasses.replace(disk, type=ov.type, source=top)
+
+    return _each_disk(domain, overlays, on)
+
+
+def _each_disk(
+    domain: Domain,
+    overlays: tuple[OverlayPlan, ...] | list[OverlayPlan],
+    change: Callable[[Disk, OverlayPlan], Disk],
+    *,
+    missing_ok: bool = False,
+) -> Domain:
+    """``domain`` with ``change(disk, overlay)`` applied to the disk of each
+    overlay, in the overlays' order, in one pass over the disks."""
+    by_target: dict[str, list[OverlayPlan]] = {}
+    for ov in overlays:
+        by_target.setdefault(ov.target, []).append(ov)
+    disks = []
+    for disk in domain.disks:
+        for ov in by_target.pop(disk.target, ()):
+            disk = change(disk, ov)
+        disks.append(disk)
+    assert missing_ok or not by_target, f"no disk for {sorted(by_target)}"
+    return dataclasses.replace(domain, disks=tuple(disks)) if overlays else domain
 
 
 def config_after(config: Domain, overlays: tuple[OverlayPlan, ...] | list[OverlayPlan]) -> Domain:
     """The persistent definition once the overlays exist: each disk's source is its
     overlay, whose chain is read from the image headers at the next start."""
-    for ov in overlays:
-        disk = config.disk(ov.target)
-        if disk is None:
-            continue
+
+    def on(disk: Disk, ov: OverlayPlan) -> Disk:
         src = StorageSource(type=ov.type, path=ov.path, format=ov.format)
-        config = config.with_disk(dataclasses.replace(disk, type=ov.type, source=src))
-    return config
+        return dataclasses.replace(disk, type=ov.type, source=src)
+
+    return _each_disk(config, overlays, on, missing_ok=True)
