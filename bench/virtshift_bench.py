@@ -171,6 +171,23 @@ def rotate(items: list[Any], k: int) -> list[Any]:
 # -- raw QMP ----------------------------------------------------------------------------------
 
 
+async def execute_until(
+    client: Any, cmd: str, args: dict[str, Any], events: tuple[str, ...], job: str
+) -> dict[str, Any]:
+    """Send a command on a ``qemu.qmp`` client and wait for the first of
+    ``events`` about ``job``."""
+    from qemu.qmp import EventListener
+
+    lst = EventListener(events)
+    with client.listen(lst):
+        await client.execute(cmd, args)
+        while True:
+            ev = await asyncio.wait_for(lst.get(), 600)
+            data: Any = ev.get("data", {})
+            if data.get("device") == job:
+                return dict(ev)
+
+
 class RawQMP:
     """A bare ``qemu.qmp`` client on its own event-loop thread (the same threading
     pattern as virtshift's Monitor, so the reference pays the same thread hop)."""
@@ -208,19 +225,7 @@ class RawQMP:
         self, cmd: str, args: dict[str, Any], events: tuple[str, ...], job: str
     ) -> dict[str, Any]:
         """Send a command and wait for the first of ``events`` about ``job``."""
-        from qemu.qmp import EventListener
-
-        async def go() -> dict[str, Any]:
-            lst = EventListener(events)
-            with self.client.listen(lst):
-                await self.client.execute(cmd, args)
-                while True:
-                    ev = await asyncio.wait_for(lst.get(), 600)
-                    data: Any = ev.get("data", {})
-                    if data.get("device") == job:
-                        return dict(ev)
-
-        return self.run(go())  # type: ignore[no-any-return]
+        return self.run(execute_until(self.client, cmd, args, events, job))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -827,7 +832,7 @@ class _PivotFloor:
         self._next = node
 
     async def _ready(self, k: int, dest: str) -> str:
-        from qemu.qmp import EventListener, QMPClient
+        from qemu.qmp import QMPClient
 
         client = QMPClient("bench-floor-setup")
         await client.connect(self.monitor)
@@ -841,22 +846,19 @@ class _PivotFloor:
                 "blockdev-add",
                 {"node-name": fmt, "driver": "qcow2", "file": sto, "backing": None},
             )
-            lst = EventListener(("BLOCK_JOB_READY",))
-            with client.listen(lst):
-                await client.execute(
-                    "blockdev-mirror",
-                    {
-                        "job-id": job,
-                        "device": self.node,
-                        "target": fmt,
-                        "sync": "full",
-                        "auto-dismiss": False,
-                    },
-                )
-                while True:
-                    ev = await asyncio.wait_for(lst.get(), 600)
-                    if dict(ev.get("data", {})).get("device") == job:
-                        break
+            await execute_until(
+                client,
+                "blockdev-mirror",
+                {
+                    "job-id": job,
+                    "device": self.node,
+                    "target": fmt,
+                    "sync": "full",
+                    "auto-dismiss": False,
+                },
+                ("BLOCK_JOB_READY",),
+                job,
+            )
             self._next = fmt
             return job
         finally:
@@ -866,7 +868,7 @@ class _PivotFloor:
         import fcntl
 
         from lxml import etree
-        from qemu.qmp import EventListener, QMPClient
+        from qemu.qmp import QMPClient
 
         dest = str(self.dir / f"c{k + 1}.qcow2")
         img("create", "-q", "-f", "qcow2", dest, "64M")
@@ -885,15 +887,6 @@ class _PivotFloor:
             os.fsync(dfd)
             os.close(dfd)
 
-        async def complete() -> dict[str, Any]:
-            lst = EventListener(("BLOCK_JOB_COMPLETED",))
-            with client.listen(lst):
-                await client.execute("block-job-complete", {"device": job})
-                while True:
-                    ev = await asyncio.wait_for(lst.get(), 600)
-                    if dict(ev.get("data", {})).get("device") == job:
-                        return dict(ev)
-
         os.sync()  # as the other systems' reps
         t0 = time.perf_counter()
         lock = os.open(state / "domain.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -903,7 +896,12 @@ class _PivotFloor:
             etree.fromstring(f.read())
         durable("pivot-intent.json", json.dumps({"job": job, "pivot": dest}).encode())
         connecting.result(30)
-        ev = asyncio.run_coroutine_threadsafe(complete(), loop).result(600)
+        ev = asyncio.run_coroutine_threadsafe(
+            execute_until(
+                client, "block-job-complete", {"device": job}, ("BLOCK_JOB_COMPLETED",), job
+            ),
+            loop,
+        ).result(600)
         assert not ev["data"].get("error"), ev
         durable("status.xml", self.text)
         asyncio.run_coroutine_threadsafe(client.execute("job-dismiss", {"id": job}), loop).result(
