@@ -502,7 +502,6 @@ def numbers_section(results: dict[str, Any], out_dir: Path, repo: Path) -> str:
     )
     L.append(
         f"- {m.get('qemu')} (TCG, no guest OS, domains started paused); "
-        f"qemu.qmp {m.get('qemu_qmp')}; "
         f"Python {m.get('python')} (`{m.get('python_exe')}`)"
     )
     lvm = meta.get("libvirt", {})

@@ -30,7 +30,6 @@ reported.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import cProfile
 import inspect
@@ -171,65 +170,89 @@ def rotate(items: list[Any], k: int) -> list[Any]:
 # -- raw QMP ----------------------------------------------------------------------------------
 
 
-async def execute_until(
-    client: Any, cmd: str, args: dict[str, Any], events: tuple[str, ...], job: str
-) -> dict[str, Any]:
-    """Send a command on a ``qemu.qmp`` client and wait for the first of
-    ``events`` about ``job``."""
-    from qemu.qmp import EventListener
-
-    lst = EventListener(events)
-    with client.listen(lst):
-        await client.execute(cmd, args)
-        while True:
-            ev = await asyncio.wait_for(lst.get(), 600)
-            data: Any = ev.get("data", {})
-            if data.get("device") == job:
-                return dict(ev)
-
-
 class RawQMP:
-    """A bare ``qemu.qmp`` client on its own event-loop thread (the same threading
-    pattern as virtshift's Monitor, so the reference pays the same thread hop)."""
+    """A bare QMP client on a blocking unix socket: JSON lines, an id per
+    command, events kept while a reply is awaited.  Written here, apart from
+    virtshift's Monitor, so the reference does not share its code; like it,
+    no thread and no event loop.
 
-    _loop: asyncio.AbstractEventLoop | None = None
+    ``soon=True`` sends the negotiation and returns at once: :meth:`ready`
+    reads the greeting and the negotiation's reply (a connection overlapped
+    with other work, as the floors do)."""
 
-    @classmethod
-    def loop(cls) -> asyncio.AbstractEventLoop:
-        if cls._loop is None:
-            cls._loop = asyncio.new_event_loop()
-            threading.Thread(target=cls._loop.run_forever, daemon=True, name="raw-qmp").start()
-        return cls._loop
+    def __init__(self, path: str, *, soon: bool = False) -> None:
+        import socket
 
-    def __init__(self, path: str) -> None:
-        from qemu.qmp import QMPClient
-
-        self.client = QMPClient("bench-raw")
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        self.count = 0
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.run(self.client.connect(path), 10)
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
                 break
-            except Exception:
+            except OSError:
+                self.sock.close()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
+        self.caps = self.send("qmp_capabilities", None)
+        if not soon:
+            self.ready()
 
-    def run(self, coro: Any, timeout: float = 600) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop()).result(timeout)
+    def ready(self) -> None:
+        greeting = self.read()
+        assert "QMP" in greeting, greeting
+        self.reply(self.caps)
+
+    def read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("QEMU closed the monitor")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def send(self, cmd: str, args: dict[str, Any] | None) -> int:
+        self.count += 1
+        msg: dict[str, Any] = {"execute": cmd, "id": self.count}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        return self.count
+
+    def reply(self, ident: int) -> Any:
+        while True:
+            msg = self.read()
+            if "event" in msg:
+                self.events.append(msg)
+            elif msg.get("id") == ident:
+                if "error" in msg:
+                    raise RuntimeError(f"QMP error: {msg['error']}")
+                return msg.get("return")
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        return self.run(self.client.execute(cmd, args))
+        return self.reply(self.send(cmd, args))
 
     def execute_until(
         self, cmd: str, args: dict[str, Any], events: tuple[str, ...], job: str
     ) -> dict[str, Any]:
         """Send a command and wait for the first of ``events`` about ``job``."""
-        return self.run(execute_until(self.client, cmd, args, events, job))  # type: ignore[no-any-return]
+        self.events.clear()  # only what comes after the command counts
+        self.execute(cmd, args)
+        while True:
+            for ev in self.events:
+                if ev["event"] in events and ev.get("data", {}).get("device") == job:
+                    self.events.remove(ev)
+                    return ev
+            msg = self.read()
+            if "event" in msg:
+                self.events.append(msg)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.run(self.client.disconnect(), 10)
+        self.sock.close()
 
 
 # -- per-phase timing of virtshift calls ------------------------------------------------------
@@ -726,10 +749,11 @@ class _FloorSnap(_RawSnap):
     take the domain's lock (``flock``); read and parse the state file (lxml);
     parse the request (lxml); read each pre-created overlay's header; write
     the intent (runtime: rename, no ``fsync``, as virtshift's); connect and
-    negotiate QMP (started first, so it overlaps the above); the transaction,
-    while QEMU works write and sync the new state file and the new metadata
-    document under temporary names; after the reply rename both, sync both
-    directories, remove the intent, start the disconnection, drop the lock.
+    negotiate QMP (the socket opened and the negotiation sent first, so QEMU
+    answers during the above); the transaction, while QEMU works write and
+    sync the new state file and the new metadata document under temporary
+    names; after the reply rename both, sync both directories, remove the
+    intent, close the socket, drop the lock.
 
     The state and metadata bytes are the twin's virtshift status file as it
     was after start (the size of what virtshift writes).  Same twin QEMU as
@@ -757,20 +781,17 @@ class _FloorSnap(_RawSnap):
         import fcntl
 
         from lxml import etree
-        from qemu.qmp import QMPClient
 
         new = self._new(k)
         names = [f"floor-{k}-{i}" for i in range(self.n)]
         request = snapshot_xml(f"s{k}", new)
         actions = self._actions(new, names)
-        loop = RawQMP.loop()
-        client = QMPClient("bench-floor")
         state, meta = self.state, self.meta
         os.sync()  # as _VsSnap.rep
         t0 = time.perf_counter()
         lock = os.open(state / "domain.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        connecting = asyncio.run_coroutine_threadsafe(client.connect(self.monitor), loop)
+        client = RawQMP(self.monitor, soon=True)
         with open(state / "status.xml", "rb") as f:
             text = f.read()
         etree.fromstring(text)
@@ -784,10 +805,8 @@ class _FloorSnap(_RawSnap):
         with open(state / "intent.json.tmp", "w") as f:
             f.write(json.dumps({"new": names, "paths": paths}))
         os.replace(state / "intent.json.tmp", intent)
-        connecting.result(30)
-        pending = asyncio.run_coroutine_threadsafe(
-            client.execute("transaction", {"actions": actions}), loop
-        )
+        client.ready()
+        pending = client.send("transaction", {"actions": actions})
         tmps = []
         for d, name in ((state, "status.xml"), (meta, f"s{k}.xml")):
             fd = os.open(d / f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -795,7 +814,7 @@ class _FloorSnap(_RawSnap):
             os.fsync(fd)
             os.close(fd)
             tmps.append((d, name))
-        pending.result(600)
+        client.reply(pending)
         for d, name in tmps:
             os.replace(d / f".{name}.tmp", d / name)
         for d in (state, meta):
@@ -803,10 +822,9 @@ class _FloorSnap(_RawSnap):
             os.fsync(fd)
             os.close(fd)
         os.unlink(intent)
-        closing = asyncio.run_coroutine_threadsafe(client.disconnect(), loop)
+        client.close()
         os.close(lock)
         t = time.perf_counter() - t0
-        closing.result(10)
         self.nodes, self.tops = names, new
         return t
 
@@ -819,7 +837,7 @@ class _PivotFloor:
     first), the pivot's intent written durably before QEMU is asked, the
     completion's ``error`` read, the result written durably, the job
     dismissed (``auto-dismiss`` off: a process that dies still finds the
-    outcome), the disconnection started.  Not done: removing the old chain
+    outcome), the socket closed.  Not done: removing the old chain
     from QEMU's graph, reading the graph back.  Each repetition's mirror is
     set up to ready over a connection of its own, untimed."""
 
@@ -831,23 +849,19 @@ class _PivotFloor:
         (self.state / "status.xml").write_bytes(self.text)
         self._next = node
 
-    async def _ready(self, k: int, dest: str) -> str:
-        from qemu.qmp import QMPClient
-
-        client = QMPClient("bench-floor-setup")
-        await client.connect(self.monitor)
+    def _ready(self, k: int, dest: str) -> str:
+        client = RawQMP(self.monitor)
         try:
             fmt, sto, job = f"fc{k}-format", f"fc{k}-storage", f"floor-{k}"
-            await client.execute(
+            client.execute(
                 "blockdev-add",
                 {"driver": "file", "filename": dest, "node-name": sto, "auto-read-only": True},
             )
-            await client.execute(
+            client.execute(
                 "blockdev-add",
                 {"node-name": fmt, "driver": "qcow2", "file": sto, "backing": None},
             )
-            await execute_until(
-                client,
+            client.execute_until(
                 "blockdev-mirror",
                 {
                     "job-id": job,
@@ -862,19 +876,16 @@ class _PivotFloor:
             self._next = fmt
             return job
         finally:
-            await client.disconnect()
+            client.close()
 
     def rep(self, k: int) -> float:
         import fcntl
 
         from lxml import etree
-        from qemu.qmp import QMPClient
 
         dest = str(self.dir / f"c{k + 1}.qcow2")
         img("create", "-q", "-f", "qcow2", dest, "64M")
-        loop = RawQMP.loop()
-        job = asyncio.run_coroutine_threadsafe(self._ready(k, dest), loop).result(600)
-        client = QMPClient("bench-floor")
+        job = self._ready(k, dest)
         state = self.state
 
         def durable(name: str, data: bytes) -> None:
@@ -891,27 +902,21 @@ class _PivotFloor:
         t0 = time.perf_counter()
         lock = os.open(state / "domain.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        connecting = asyncio.run_coroutine_threadsafe(client.connect(self.monitor), loop)
+        client = RawQMP(self.monitor, soon=True)
         with open(state / "status.xml", "rb") as f:
             etree.fromstring(f.read())
         durable("pivot-intent.json", json.dumps({"job": job, "pivot": dest}).encode())
-        connecting.result(30)
-        ev = asyncio.run_coroutine_threadsafe(
-            execute_until(
-                client, "block-job-complete", {"device": job}, ("BLOCK_JOB_COMPLETED",), job
-            ),
-            loop,
-        ).result(600)
+        client.ready()
+        ev = client.execute_until(
+            "block-job-complete", {"device": job}, ("BLOCK_JOB_COMPLETED",), job
+        )
         assert not ev["data"].get("error"), ev
         durable("status.xml", self.text)
-        asyncio.run_coroutine_threadsafe(client.execute("job-dismiss", {"id": job}), loop).result(
-            60
-        )
+        client.execute("job-dismiss", {"id": job})
         os.unlink(state / "pivot-intent.json")
-        closing = asyncio.run_coroutine_threadsafe(client.disconnect(), loop)
+        client.close()
         os.close(lock)
         t = time.perf_counter() - t0
-        closing.result(10)
         self.node = self._next
         return t
 
@@ -1035,7 +1040,6 @@ class Bench:
             "python": sys.version.split()[0],
             "python_exe": sys.executable,
             "qemu": qemu.splitlines()[0] if qemu else "",
-            "qemu_qmp": _pkg_version("qemu.qmp"),
             "virtshift": virtshift.__version__,
             "src_uncommitted": subprocess.run(
                 ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],

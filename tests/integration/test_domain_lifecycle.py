@@ -352,10 +352,9 @@ def test_submitted_command_answers_like_execute(conn, two_disks, root: Path) -> 
 def test_a_monitor_is_closed_before_its_lock_is_given_up(
     conn, two_disks, root: Path, monkeypatch
 ) -> None:
-    # close() returns with the socket closed; close(wait=False) lets the
-    # disconnection overlap the caller's work, and the next close() waits for
-    # it.  A snapshot closes that way and waits before the domain lock is
-    # released: a process that takes the lock next finds the monitor free
+    # close() returns with the socket closed, and the object can connect
+    # again.  Every monitor a snapshot used is closed by the time it returns,
+    # so a process that takes the domain lock next finds the monitor free
     # (QEMU takes one client at a time), even if this one stops right after
     from virtshift.qmp import client
 
@@ -377,27 +376,25 @@ def test_a_monitor_is_closed_before_its_lock_is_given_up(
     mon = client.Monitor(sock).connect()
     assert mon.execute("query-status")["status"] == "running"
     mon.close()
-    assert mon._closing is not None
-    assert mon._closing.done()
-    assert other_process() == (0, "running")
-    mon = client.Monitor(sock).connect()
-    mon.close(wait=False)
-    started = mon._closing
-    assert started is not None
     assert not mon.connected
-    mon.close()  # waits for the same disconnection, starts no other
-    assert mon._closing is started
-    assert started.done()
+    assert mon._sock is None
+    assert other_process() == (0, "running")
+    mon.close()  # twice is fine
     mon.reconnect()  # and the object can be connected again
     assert mon.execute("query-name") == {"name": "cls"}
     mon.close()
+    # a connection started early and closed before it was waited for
+    early = client.Monitor(sock).connect_soon()
+    assert not early.connected
+    early.close()
+    assert other_process() == (0, "running")
     # a snapshot: every monitor it used is closed by the time it returns
     used: list[client.Monitor] = []
     real_close = client.Monitor.close
 
-    def recording(self: client.Monitor, *, wait: bool = True) -> None:
+    def recording(self: client.Monitor) -> None:
         used.append(self)
-        real_close(self, wait=wait)
+        real_close(self)
 
     monkeypatch.setattr(client.Monitor, "close", recording)
     dom.snapshotCreateXML(
@@ -405,7 +402,7 @@ def test_a_monitor_is_closed_before_its_lock_is_given_up(
         libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
     )
     assert used
-    assert all(m._closing is not None and m._closing.done() for m in used)
+    assert all(m._sock is None for m in used)
     monkeypatch.undo()
     assert other_process() == (0, "running")
     dom.destroy()
@@ -420,14 +417,14 @@ def test_qmp_messages_are_logged_only_at_debug(conn, two_disks, root: Path, capl
     _base, top, _data = two_disks
     dom = conn.createXML(domain_xml("qlog", [("vda", top, "qcow2")]), 0)
     sock = str(root / "run/qemu/domain-qlog/monitor.sock")
-    with caplog.at_level(logging.DEBUG, logger="qemu.qmp"), Monitor(sock).connect() as mon:
+    with caplog.at_level(logging.DEBUG, logger="virtshift.qmp"), Monitor(sock).connect() as mon:
         assert mon.execute("query-name") == {"name": "qlog"}
     sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--> ")]
     got = [r.getMessage() for r in caplog.records if r.getMessage().startswith("<-- ")]
     assert any('"execute": "query-name"' in m for m in sent), sent
     assert any('"name": "qlog"' in m for m in got), got
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="qemu.qmp"), Monitor(sock).connect() as mon:
+    with caplog.at_level(logging.INFO, logger="virtshift.qmp"), Monitor(sock).connect() as mon:
         assert mon.execute("query-name") == {"name": "qlog"}
     assert not [r for r in caplog.records if r.getMessage().startswith(("--> ", "<-- "))]
     dom.destroy()

@@ -97,12 +97,10 @@ def _as_nobody_env(shared: Path) -> tuple[list[str], dict[str, str]]:
     """An interpreter and environment ``nobody`` can use: the system Python and a
     world-readable copy of virtshift and the packages it imports."""
     import lxml
-    import qemu.qmp
 
     py = shared / "py"
     shutil.copytree(Path(libvirt.__file__).parent, py / "virtshift")
     shutil.copytree(Path(lxml.__file__).parent, py / "lxml")
-    shutil.copytree(Path(qemu.qmp.__file__).parent.parent, py / "qemu")
     for dirpath, dirnames, filenames in os.walk(py):
         for name in [*dirnames, *filenames]:
             p = os.path.join(dirpath, name)

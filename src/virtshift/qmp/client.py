@@ -1,14 +1,19 @@
-"""A synchronous QMP monitor on top of ``qemu.qmp``'s asyncio client.
+"""A synchronous QMP monitor on a blocking unix socket.
 
-``qemu.qmp`` speaks the protocol (greeting, negotiation, ids, events); this
-module gives the rest of virtshift a blocking :class:`Monitor` whose
-``execute`` returns QEMU's ``return`` value or raises :class:`QMPError`, and
-whose events are kept in a queue that callers drain with :meth:`Monitor.events`
-or wait on with :meth:`Monitor.wait_event`.
+QMP is JSON text, one message per line: QEMU greets, the client negotiates
+with ``qmp_capabilities``, then each command (sent with an ``id``) gets one
+reply with the same ``id``, and events come in between.  :class:`Monitor`
+speaks that on a plain socket in the caller's thread: ``execute`` returns
+QEMU's ``return`` value or raises :class:`QMPError`; events read while
+waiting for a reply are queued for :meth:`Monitor.events` and
+:meth:`Monitor.wait_event`, and an event that QEMU sent while the caller did
+other work is read when the caller next asks.
 
-All monitors of a process share one event loop running in a daemon thread
-(the pattern of ``qemu.qmp.legacy``, but with the loop kept alive so events are
-received while the caller's thread does other work).
+No thread and no event loop: every use of a monitor is one short call under
+the domain's (or the query monitor's) lock, so nothing needs to listen in the
+background; the caller's thread works while QEMU does (:meth:`Monitor.submit`,
+:meth:`Monitor.connect_soon`) without sharing the interpreter with a loop
+thread, and :meth:`Monitor.close` has closed the socket when it returns.
 
 What this module does not do: build commands (see :mod:`virtshift.qmp.commands`),
 interpret replies into models, or decide what to do on errors.
@@ -22,12 +27,10 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # asyncio (~20 ms) and socket (~4 ms): only QEMU-talking calls need them
-    import asyncio
-    import concurrent.futures
+if TYPE_CHECKING:  # socket (~4 ms): only QEMU-talking calls need it
     import socket
 
 from virtshift.errors import ErrorCode, QMPError, VirtError
@@ -36,87 +39,20 @@ from virtshift.logs import DEBUG, get_logger
 __all__ = ["Monitor", "Pending", "connect_unix"]
 
 _log = get_logger("virtshift.qmp")
-_T = TypeVar("_T")
 
 #: Unix socket paths longer than this do not fit ``sockaddr_un`` (108 bytes).
 _SUN_PATH_MAX = 107
 
-
-class _Loop:
-    """The process-wide event loop thread (started on first use)."""
-
-    _lock = threading.Lock()
-    _loop: asyncio.AbstractEventLoop | None = None
-    _pid: int = 0
-
-    @classmethod
-    def get(cls) -> asyncio.AbstractEventLoop:
-        import asyncio
-
-        with cls._lock:
-            # A fork child inherits the object but not the thread: start anew.
-            if cls._loop is None or cls._pid != os.getpid():
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="virtshift-qmp", daemon=True
-                )
-                thread.start()
-                cls._loop, cls._pid = loop, os.getpid()
-            return cls._loop
+#: Bytes asked of the socket per read.
+_CHUNK = 1 << 16
 
 
-def _run(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
-    import asyncio
-
-    return _wait(asyncio.run_coroutine_threadsafe(coro, _Loop.get()), timeout)
+class _Lost(Exception):
+    """The monitor's connection is gone (QEMU closed it, or it broke)."""
 
 
-def _wait(fut: concurrent.futures.Future[_T], timeout: float | None) -> _T:
-    """``fut``'s result; on time-out the coroutine behind it is cancelled."""
-    try:
-        return fut.result(timeout)
-    except TimeoutError:
-        fut.cancel()
-        raise
-
-
-async def _disconnect(client: Any, listener: asyncio.Future[None] | None) -> None:
-    if listener is not None:
-        listener.cancel()
-    try:
-        await client.disconnect()
-    except Exception:  # disconnect of a dead peer
-        _log.debug("disconnect failed", exc_info=True)
-
-
-_CLIENT_CLASS: Any = None
-
-
-def _new_client(path: str) -> Any:
-    """A ``qemu.qmp`` client for the monitor at ``path`` (heavy import, only
-    when QEMU is used).
-
-    ``qemu.qmp`` logs every message it sends or receives with its argument
-    formatted first: ``str()`` of a message pretty-prints its JSON, however the
-    log is set (0.7 ms for a 64-disk ``transaction``, before it is written).
-    Here that is done only when the log would show it."""
-    global _CLIENT_CLASS
-    if _CLIENT_CLASS is None:
-        from qemu.qmp import QMPClient
-
-        class _Client(QMPClient):
-            def _cb_outbound(self, msg: Any) -> Any:
-                if self.logger.isEnabledFor(DEBUG):
-                    self.logger.debug("--> %s", str(msg))
-                return msg
-
-            def _cb_inbound(self, msg: Any) -> Any:
-                if self.logger.isEnabledFor(DEBUG):
-                    self.logger.debug("<-- %s", str(msg))
-                return msg
-
-        _CLIENT_CLASS = _Client
-    return _CLIENT_CLASS(name=os.path.basename(path))
+class _NoGreeting(Exception):
+    """The first message of a connection was not QEMU's greeting."""
 
 
 def connect_unix(path: str) -> socket.socket:
@@ -159,122 +95,77 @@ def _check_socket(path: str) -> None:
         )
 
 
-def _answer(command: str, sent: dict[str, Any], wait: Callable[[], Any]) -> Any:
-    """``wait()``'s reply, or the :class:`QMPError` for how it failed."""
-    from qemu.qmp import ExecuteError
-
-    debug = _log.isEnabledFor(DEBUG)
-    try:
-        reply = wait()
-    except ExecuteError as err:
-        received = dict(err.received)
-        if debug:
-            _log.debug("error %s", json.dumps(received))
-        raise QMPError(
-            command,
-            str(err),
-            error_class=err.error_class,
-            sent=sent,
-            received=received,
-        ) from err
-    except TimeoutError as err:
-        raise QMPError(
-            command, "no reply from QEMU in time", sent=sent, code=ErrorCode.OPERATION_TIMEOUT
-        ) from err
-    except Exception as err:
-        raise QMPError(command, f"monitor connection failed: {err}", sent=sent) from err
-    if debug:
-        _log.debug("reply %s", json.dumps(reply))
-    return reply
-
-
-#: Loop turns after a command's task first runs that bring its write to the
-#: socket: its first step queues the message, the writer's next step writes it
-#: (one more for margin).
-_WRITE_TURNS: Final = 3
-
-
-async def _start(call: Coroutine[Any, Any, Any], out: concurrent.futures.Future[Any]) -> None:
-    """Start ``call`` as a task whose outcome goes to ``out``, and return once
-    its command is written (see :meth:`Monitor.submit`)."""
-    import asyncio
-
-    task = asyncio.ensure_future(call)
-
-    def settle(done: asyncio.Future[Any]) -> None:
-        if out.done():  # the caller gave up on it
-            return
-        if done.cancelled():
-            out.cancel()
-        elif (err := done.exception()) is not None:
-            out.set_exception(err)
-        else:
-            out.set_result(done.result())
-
-    def cancelled(waited: concurrent.futures.Future[Any]) -> None:
-        # the caller gave up waiting (time-out): the command is cancelled, as
-        # Monitor.execute's would be
-        if waited.cancelled():
-            loop.call_soon_threadsafe(task.cancel)
-
-    loop = asyncio.get_running_loop()
-    task.add_done_callback(settle)
-    out.add_done_callback(cancelled)
-    for _ in range(_WRITE_TURNS):
-        await asyncio.sleep(0)
-
-
 class Pending:
     """A command sent by :meth:`Monitor.submit`, whose reply is still to come."""
 
     def __init__(
-        self,
-        command: str,
-        sent: dict[str, Any],
-        fut: concurrent.futures.Future[Any],
-        timeout: float,
+        self, monitor: Monitor, command: str, sent: dict[str, Any], ident: str, timeout: float
     ) -> None:
+        self._monitor = monitor
         self._command = command
         self._sent = sent
-        self._fut = fut
+        self._id = ident
         self._timeout = timeout
+        self._got: dict[str, Any] | None = None
 
     def done(self) -> bool:
-        """True once the reply (or the failure) is in."""
-        return self._fut.done()
+        """True once the reply (or the failure) is in (reads what QEMU has
+        sent so far, never waits)."""
+        return self._got is not None or self._monitor._arrived(self._id)
 
     def result(self) -> Any:
         """QEMU's ``return`` value.
 
         :raise QMPError: as :meth:`Monitor.execute`.
         """
-        return _answer(self._command, self._sent, lambda: _wait(self._fut, self._timeout))
+        if self._got is None:
+            self._got = self._monitor._reply(self._command, self._sent, self._id, self._timeout)
+        reply = self._got
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise QMPError(
+                self._command,
+                str(error.get("desc", "unknown error")),
+                error_class=str(error.get("class", "GenericError")),
+                sent=self._sent,
+                received=reply,
+            )
+        return reply.get("return")
 
 
 class Monitor:
-    """A connected QMP monitor (blocking API).
+    """A QMP monitor connection (blocking API).
 
     :param path: the monitor's unix socket.
     :param timeout: seconds to wait for connecting and for each command.
+
+    One thread at a time uses it (a lock keeps two from mixing their reads).
     """
 
     def __init__(self, path: str, *, timeout: float = 60.0) -> None:
         self.path = path
         self.timeout = timeout
-        self._client = _new_client(path)
-        self._events: deque[dict[str, Any]] = deque()
-        self._cond = threading.Condition()
-        self._listener_task: asyncio.Future[None] | None = None
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.greeting: dict[str, Any] = {}
-        #: a connection started by :meth:`connect_soon`, not yet waited for
-        self._connecting: tuple[socket.socket, concurrent.futures.Future[None]] | None = None
-        #: the disconnection, once :meth:`close` started it
-        self._closing: concurrent.futures.Future[None] | None = None
-        #: whether leaving a ``with`` block waits for the disconnection (see
-        #: :meth:`close`); an owner that closes it again under its lock may
-        #: let it overlap its own last steps
-        self.exit_waits = True
+        self._sock: socket.socket | None = None
+        #: bytes read and not yet split into messages; ``_scan``: how far
+        #: they are known to hold no end of line
+        self._buf = bytearray()
+        self._scan = 0
+        self._events: deque[dict[str, Any]] = deque()
+        #: replies read while waiting for something else, by id
+        self._replies: dict[str, dict[str, Any]] = {}
+        #: ids whose caller stopped waiting (time-out): their replies are dropped
+        self._abandoned: set[str] = set()
+        #: ids are unique to this object: a reply left behind by a client that
+        #: died mid-command is never taken for one of ours
+        self._tag = os.urandom(4).hex()
+        self._count = 0
+        #: set by :meth:`connect_soon`: the greeting and the negotiation's
+        #: reply are still to be read
+        self._soon = False
+        self._caps = ""
+        self._lost: str | None = None
+        self._lock = threading.RLock()
 
     # -- connection -------------------------------------------------------
 
@@ -289,140 +180,109 @@ class Monitor:
             not a socket of this user (a symbolic link is never followed), or
             QEMU does not greet.
         """
-        if self._connecting is not None and self._finish_connecting():
-            return self
-        _check_socket(self.path)
-        for attempt in range(4):
-            try:
-                sock = connect_unix(self.path)
-            except OSError as err:
-                raise VirtError(
-                    ErrorCode.OPERATION_FAILED,
-                    f"cannot connect to QEMU monitor '{self.path}': {err.strerror}",
-                ) from err
-            try:
-                _run(self._connect(sock), self.timeout)
-                return self
-            except Exception as err:
-                sock.close()
-                greeting = "Greeting" in str(err) or "Negotiat" in str(err)
-                if not greeting or attempt == 3:
+        with self._lock:
+            if self._sock is not None and self._soon:
+                try:
+                    self._negotiated()
+                    return self
+                except (_NoGreeting, _Lost, OSError, ValueError) as err:
+                    _log.debug("monitor %s: early connection failed (%s)", self.path, err)
+                    self._drop()
+            _check_socket(self.path)
+            for attempt in range(4):
+                try:
+                    self._open()
+                except OSError as err:
                     raise VirtError(
                         ErrorCode.OPERATION_FAILED,
-                        f"QEMU monitor '{self.path}' did not answer: {err}",
+                        f"cannot connect to QEMU monitor '{self.path}': {err.strerror}",
                     ) from err
-                _log.debug("monitor %s: bad greeting (%s), connecting again", self.path, err)
-                self._client = _new_client(self.path)
-                time.sleep(0.05)
-        raise AssertionError("unreachable")
+                try:
+                    self._negotiated()
+                    return self
+                except (_NoGreeting, _Lost, OSError, ValueError) as err:
+                    self._drop()
+                    if not isinstance(err, _NoGreeting) or attempt == 3:
+                        raise VirtError(
+                            ErrorCode.OPERATION_FAILED,
+                            f"QEMU monitor '{self.path}' did not answer: {_describe(err)}",
+                        ) from err
+                    _log.debug("monitor %s: bad greeting (%s), connecting again", self.path, err)
+                    time.sleep(0.05)
+            raise AssertionError("unreachable")
 
     def connect_soon(self) -> Monitor:
-        """Start connecting and return at once: the greeting and the capability
-        negotiation go on in the loop thread while the caller works (under the
-        domain lock, as every use of the monitor).  :meth:`connect` (or
-        ``with``) waits for it, and reports any failure as it would have;
-        :meth:`close` waits for it too."""
-        import asyncio
+        """Start connecting and return at once: QEMU greets and negotiates
+        while the caller works (under the domain lock, as every use of the
+        monitor); :meth:`connect` (or ``with``) reads the answers, and reports
+        any failure as it would have."""
+        with self._lock:
+            try:
+                _check_socket(self.path)
+                self._open()
+            except (VirtError, OSError):
+                self._drop()  # connect() meets it again and says so
+            return self
 
-        try:
-            _check_socket(self.path)
-            sock = connect_unix(self.path)
-        except (VirtError, OSError):
-            return self  # connect() meets it again and says so
-        fut = asyncio.run_coroutine_threadsafe(self._connect(sock), _Loop.get())
-        self._connecting = (sock, fut)
-        return self
+    def _open(self) -> None:
+        """A new connection, its negotiation sent (QEMU reads it after its greeting)."""
+        self._drop()
+        self._sock = connect_unix(self.path)
+        self._soon = True
+        self._caps = self._next_id()
+        self._write({"execute": "qmp_capabilities", "id": self._caps})
 
-    def _finish_connecting(self) -> bool:
-        """Wait for :meth:`connect_soon`'s connection; False if it failed (then
-        closed, for :meth:`connect` to try again from the start)."""
-        assert self._connecting is not None
-        sock, fut = self._connecting
-        self._connecting = None
-        try:
-            _wait(fut, self.timeout)
-            return True
-        except Exception as err:
-            _log.debug("monitor %s: early connection failed (%s)", self.path, err)
-            sock.close()
-            self._client = _new_client(self.path)
-            return False
+    def _negotiated(self) -> None:
+        """Read the greeting and the negotiation's reply."""
+        deadline = time.monotonic() + self.timeout
+        first = self._message(deadline)
+        if "QMP" not in first:
+            raise _NoGreeting(f"expected a greeting, got {json.dumps(first)[:200]}")
+        self.greeting = first
+        while self._caps not in self._replies:
+            self._take(self._message(deadline))
+        reply = self._replies.pop(self._caps)
+        if "error" in reply:
+            raise _NoGreeting(f"negotiation failed: {json.dumps(reply)[:200]}")
+        self._soon = False
 
     def reconnect(self) -> Monitor:
         """Drop the connection (one that failed mid-command) and connect again.
 
         :raise VirtError: as :meth:`connect`.
         """
-        self.close()
-        self._closing = None
-        self._client = _new_client(self.path)
-        with self._cond:
+        with self._lock:
+            self._drop()
             self._events.clear()
-        return self.connect()
+            return self.connect()
 
-    async def _connect(self, sock: socket.socket) -> None:
-        import asyncio
+    def close(self) -> None:
+        """Disconnect (safe to call twice); the socket is closed on return,
+        so QEMU can take the next client at once."""
+        with self._lock:
+            self._drop()
 
-        await self._client.connect(sock)
-        greeting = self._client.greeting
-        if greeting is not None:
-            self.greeting = dict(greeting._raw)
-        self._listener_task = asyncio.ensure_future(self._pump())
-
-    async def _pump(self) -> None:
-        from qemu.qmp import EventListener
-
-        listener = EventListener()
-        with self._client.listen(listener):
-            async for event in listener:
-                msg = dict(event)
-                if _log.isEnabledFor(DEBUG):
-                    _log.debug("event %s", json.dumps(msg))
-                with self._cond:
-                    self._events.append(msg)
-                    self._cond.notify_all()
-                for cb in list(self._listeners):
-                    try:
-                        cb(msg)
-                    except Exception:  # a callback must not kill the pump
-                        _log.exception("event callback failed")
-
-    def close(self, *, wait: bool = True) -> None:
-        """Disconnect (safe to call twice).
-
-        :param wait: return once the socket is closed.  With False, the loop
-            thread closes it while the caller goes on (about 1 ms); a later
-            ``close()`` waits for it.  The caller must do that before it gives
-            up the lock it used the monitor under: QEMU takes the next client
-            only once this one is gone, and a process that stops in between
-            (SIGSTOP, a debugger) would keep the monitor from the next holder.
-        """
-        import asyncio
-
-        if self._closing is None:
-            if self._connecting is not None:
-                self._finish_connecting()
-            task = self._listener_task
-            self._listener_task = None
-            self._closing = asyncio.run_coroutine_threadsafe(
-                _disconnect(self._client, task), _Loop.get()
-            )
-        if wait:
-            try:
-                self._closing.result(10.0)
-            except Exception:  # time-out: logged; QEMU drops a client that is gone
-                _log.warning("monitor %s: disconnect did not finish", self.path, exc_info=True)
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buf.clear()
+        self._scan = 0
+        self._replies.clear()
+        self._abandoned.clear()
+        self._soon = False
+        self._lost = None
 
     @property
     def connected(self) -> bool:
         """True between a successful :meth:`connect` and :meth:`close`."""
-        return self._connecting is None and self._listener_task is not None
+        return self._sock is not None and not self._soon and self._lost is None
 
     def __enter__(self) -> Monitor:
         return self if self.connected else self.connect()
 
     def __exit__(self, *exc: object) -> None:
-        self.close(wait=self.exit_waits)
+        self.close()
 
     # -- commands ---------------------------------------------------------
 
@@ -434,9 +294,7 @@ class Monitor:
         :raise QMPError: QEMU answered with an error (``desc`` and ``class`` kept),
             or the monitor went away.
         """
-        sent = self._sent(command, arguments)
-        wait = timeout if timeout else self.timeout
-        return _answer(command, sent, lambda: _run(self._client.execute(command, arguments), wait))
+        return self.submit(command, arguments, timeout=timeout).result()
 
     def submit(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -448,22 +306,11 @@ class Monitor:
         the command's success will need written): the command is on the wire
         before this returns, so that work does not delay it.
         """
-        import concurrent.futures
-
-        sent = self._sent(command, arguments)
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        # One trip to the loop thread: it starts the command and comes back
-        # only after the command's write ran (so the caller's thread no longer
-        # contends with it for the GIL).
-        _run(_start(self._client.execute(command, arguments), fut), self.timeout)
-        return Pending(command, sent, fut, timeout if timeout else self.timeout)
-
-    @staticmethod
-    def _sent(command: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
-        sent = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        if _log.isEnabledFor(DEBUG):  # the dumps cost ~1 ms at 64 disks
-            _log.debug("send %s", json.dumps(sent))
-        return sent
+        sent: dict[str, Any] = {"execute": command}
+        if arguments:
+            sent["arguments"] = arguments
+        ident = self._send(command, sent)
+        return Pending(self, command, sent, ident, timeout if timeout else self.timeout)
 
     def execute_raw(self, text: str) -> dict[str, Any]:
         """Pass a QMP JSON command through; return the whole reply (pass-through API).
@@ -471,36 +318,172 @@ class Monitor:
         Errors from QEMU come back inside the reply (``{"error": ...}``), as
         libvirt's ``qemuMonitorCommand`` returns them.
         """
-        from qemu.qmp import ExecuteError
-        from qemu.qmp.message import Message
-
         try:
-            msg = Message(text.encode())
-        except Exception as err:
+            msg = json.loads(text)
+        except ValueError as err:
             raise VirtError(ErrorCode.INVALID_ARG, f"not a QMP JSON object: {text[:80]!r}") from err
+        if not isinstance(msg, dict):
+            raise VirtError(ErrorCode.INVALID_ARG, f"not a QMP JSON object: {text[:80]!r}")
         if "execute" not in msg:
             raise VirtError(ErrorCode.INVALID_ARG, "QMP command must have an 'execute' member")
-        msg_dict = dict(msg)
-        msg_dict.pop("id", None)
-        try:
-            ret = _run(self._client.execute_msg(Message(msg_dict)), self.timeout)
-        except ExecuteError as err:
-            reply = dict(err.received)
-            reply.pop("id", None)
-            return reply
-        except Exception as err:
-            raise QMPError(str(msg_dict["execute"]), f"monitor connection failed: {err}") from err
-        return {"return": ret}
+        msg.pop("id", None)
+        command = str(msg["execute"])
+        ident = self._send(command, msg)
+        reply = dict(self._reply(command, msg, ident, self.timeout))
+        reply.pop("id", None)
+        return reply
+
+    def _next_id(self) -> str:
+        self._count += 1
+        return f"{self._tag}.{self._count}"
+
+    def _send(self, command: str, sent: dict[str, Any]) -> str:
+        """Write ``sent`` with a new id; return the id."""
+        with self._lock:
+            if self._soon:
+                self.connect()
+            if self._sock is None or self._lost is not None:
+                raise QMPError(
+                    command,
+                    f"monitor connection failed: {self._lost or 'not connected'}",
+                    sent=sent,
+                )
+            ident = self._next_id()
+            try:
+                self._write({**sent, "id": ident})
+            except OSError as err:
+                self._lost = _describe(err)
+                raise QMPError(
+                    command, f"monitor connection failed: {self._lost}", sent=sent
+                ) from err
+            return ident
+
+    def _write(self, msg: dict[str, Any]) -> None:
+        assert self._sock is not None
+        text = json.dumps(msg)
+        if _log.isEnabledFor(DEBUG):
+            _log.debug("--> %s", text)
+        self._sock.sendall(text.encode() + b"\n")
+
+    def _reply(self, command: str, sent: dict[str, Any], ident: str, timeout: float) -> Any:
+        """The reply to ``ident``, read until it comes.
+
+        :raise QMPError: time-out (OPERATION_TIMEOUT) or a lost connection,
+            both unanswered: the command may have run."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            try:
+                while ident not in self._replies:
+                    self._take(self._message(deadline))
+            except TimeoutError as err:
+                self._abandoned.add(ident)
+                raise QMPError(
+                    command,
+                    "no reply from QEMU in time",
+                    sent=sent,
+                    code=ErrorCode.OPERATION_TIMEOUT,
+                ) from err
+            except (_Lost, OSError, ValueError) as err:
+                self._lost = _describe(err)
+                raise QMPError(
+                    command, f"monitor connection failed: {self._lost}", sent=sent
+                ) from err
+            return self._replies.pop(ident)
+
+    def _arrived(self, ident: str) -> bool:
+        with self._lock:
+            if ident not in self._replies and self._lost is None:
+                try:
+                    self._poll()
+                except (_Lost, OSError, ValueError) as err:
+                    self._lost = _describe(err)
+            return ident in self._replies or self._lost is not None
+
+    # -- wire -------------------------------------------------------------
+
+    def _take(self, msg: dict[str, Any]) -> None:
+        """File a message read while waiting for something: an event is queued,
+        a reply kept under its id."""
+        if "event" in msg:
+            self._events.append(msg)
+            return
+        ident = msg.get("id")
+        if isinstance(ident, str) and ident.startswith(self._tag + "."):
+            if ident in self._abandoned:
+                self._abandoned.discard(ident)
+            else:
+                self._replies[ident] = msg
+            return
+        _log.debug("monitor %s: dropped a message that is not ours: %.200s", self.path, msg)
+
+    def _line(self) -> bytes | None:
+        """The next whole line of what was read, if there is one."""
+        end = self._buf.find(b"\n", self._scan)
+        if end < 0:
+            self._scan = len(self._buf)
+            return None
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        self._scan = 0
+        return line
+
+    def _parse(self, line: bytes) -> dict[str, Any] | None:
+        if not line.strip():
+            return None
+        if _log.isEnabledFor(DEBUG):
+            _log.debug("<-- %s", line.decode(errors="replace").strip())
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise ValueError(f"QMP message is not an object: {line[:200]!r}")
+        return msg
+
+    def _message(self, deadline: float) -> dict[str, Any]:
+        """The next message, waiting until ``deadline`` (TimeoutError) for it."""
+        assert self._sock is not None
+        while True:
+            line = self._line()
+            if line is not None:
+                msg = self._parse(line)
+                if msg is not None:
+                    return msg
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            chunk = self._sock.recv(_CHUNK)  # TimeoutError at the deadline
+            if not chunk:
+                raise _Lost("QEMU closed the monitor")
+            self._buf += chunk
+
+    def _poll(self) -> None:
+        """Read and file whatever QEMU has sent, without waiting."""
+        if self._sock is None:
+            return
+        self._sock.settimeout(0)  # (a socket with a time-out would wait first)
+        while True:
+            try:
+                chunk = self._sock.recv(_CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise _Lost("QEMU closed the monitor")
+            self._buf += chunk
+        while (line := self._line()) is not None:
+            msg = self._parse(line)
+            if msg is not None:
+                self._take(msg)
 
     # -- events -----------------------------------------------------------
 
-    def add_listener(self, cb: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``cb(event)`` from the loop thread for every event received."""
-        self._listeners.append(cb)
-
     def events(self) -> list[dict[str, Any]]:
-        """Take every queued event."""
-        with self._cond:
+        """Take every event received so far (reading what QEMU has sent)."""
+        with self._lock:
+            if self._lost is None and not self._soon:
+                try:
+                    self._poll()
+                except (_Lost, OSError, ValueError) as err:
+                    self._lost = _describe(err)
             out = list(self._events)
             self._events.clear()
             return out
@@ -508,19 +491,34 @@ class Monitor:
     def wait_event(
         self, match: Callable[[dict[str, Any]], bool], timeout: float
     ) -> dict[str, Any] | None:
-        """Remove and return the first queued event for which ``match`` is true.
+        """Remove and return the first event for which ``match`` is true.
 
         Waits up to ``timeout`` seconds; returns None on time-out.  Events that do
         not match stay queued.
+
+        :raise QMPError: the connection was lost (no event can come).
         """
         deadline = time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             while True:
                 for ev in self._events:
                     if match(ev):
                         self._events.remove(ev)
                         return ev
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if self._sock is None or self._lost is not None:
+                    raise QMPError(
+                        "wait for an event",
+                        f"monitor connection failed: {self._lost or 'not connected'}",
+                    )
+                try:
+                    self._take(self._message(deadline))
+                except TimeoutError:
                     return None
-                self._cond.wait(left)
+                except (_Lost, OSError, ValueError) as err:
+                    self._lost = _describe(err)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__

@@ -1123,10 +1123,6 @@ class Snapshots:
                 return self._create(rec, xml, flags, None)
             # QEMU greets and negotiates while the request is parsed and planned
             monitor = Monitor(rec.status.monitor).connect_soon()
-            # the snapshot's last use of it starts the disconnection, which
-            # then overlaps the metadata's commit; it is waited for here,
-            # before the domain lock is given up
-            monitor.exit_waits = False
             try:
                 return self._create(rec, xml, flags, monitor)
             finally:
