@@ -773,7 +773,7 @@ _PHASE_COLS = [
     "build the new status while QEMU works (overlapped)",
     "format domain XML",
     "format snapshot XML",
-    "durable writes (write_atomic)",
+    "state writes (write_atomic)",
     "state files written under temporary names (prepare_atomic)",
     "state files put in place (rename + directory fsync)",
     "take the domain lock",
@@ -794,8 +794,10 @@ def _floor_section(rows: list[dict[str, Any]]) -> list[str]:
         "of the request's own: take the domain's lock, read and parse the state "
         "file, parse the request, read each pre-created overlay's header, write "
         "the intent, connect and negotiate QMP (overlapping the above), the "
-        "transaction, write and sync the new state and metadata files while QEMU "
-        "works, put them in place after the reply, remove the intent, disconnect. "
+        "transaction, write the new state file and write and sync the new "
+        "metadata file while QEMU works, put them in place after the reply (the "
+        "state file, which a power loss makes moot with its QEMU, is not synced), "
+        "remove the intent, disconnect. "
         "Where the floor is above a target's budget (its median, and its paired "
         "ratio in three repetitions of four), no implementation of that shape "
         "meets the target (bench/virtshift_bench.py, `_FloorSnap`).",

@@ -274,9 +274,9 @@ PATCH_POINTS: list[tuple[str, str | None, str, str | None]] = [
     ("virtshift.qmp.client", "Monitor", "wait_event", "wait for a QEMU event"),
     ("virtshift.store.files", "FileLock", "acquire", "take the domain lock"),
     ("virtshift.runtime.driver", "Driver", "record", "read + parse status/config XML"),
-    ("virtshift.runtime.driver", None, "write_atomic", "durable writes (write_atomic)"),
-    ("virtshift.store.snapshots", None, "write_atomic", "durable writes (write_atomic)"),
-    ("virtshift.migrate.journal", None, "write_atomic", "durable writes (write_atomic)"),
+    ("virtshift.runtime.driver", None, "write_atomic", "state writes (write_atomic)"),
+    ("virtshift.store.snapshots", None, "write_atomic", "state writes (write_atomic)"),
+    ("virtshift.migrate.journal", None, "write_atomic", "state writes (write_atomic)"),
     # a snapshot writes its status and metadata files (and syncs them) while QEMU
     # works, and puts them in place (renames, one directory sync each) after
     (
@@ -750,10 +750,12 @@ class _FloorSnap(_RawSnap):
     parse the request (lxml); read each pre-created overlay's header; write
     the intent (runtime: rename, no ``fsync``, as virtshift's); connect and
     negotiate QMP (the socket opened and the negotiation sent first, so QEMU
-    answers during the above); the transaction, while QEMU works write and
-    sync the new state file and the new metadata document under temporary
-    names; after the reply rename both, sync both directories, remove the
-    intent, close the socket, drop the lock.
+    answers during the above); the transaction, while QEMU works write the
+    new state file and write and sync the new metadata document under
+    temporary names; after the reply rename both, sync the metadata's directory, remove
+    the intent, close the socket, drop the lock.  The state file is not
+    synced (as virtshift's since it stopped syncing status files): it
+    describes a QEMU, which a power loss ends.
 
     The state and metadata bytes are the twin's virtshift status file as it
     was after start (the size of what virtshift writes).  Same twin QEMU as
@@ -808,19 +810,19 @@ class _FloorSnap(_RawSnap):
         client.ready()
         pending = client.send("transaction", {"actions": actions})
         tmps = []
-        for d, name in ((state, "status.xml"), (meta, f"s{k}.xml")):
+        for d, name, sync in ((state, "status.xml", False), (meta, f"s{k}.xml", True)):
             fd = os.open(d / f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, text)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
             os.close(fd)
             tmps.append((d, name))
         client.reply(pending)
         for d, name in tmps:
             os.replace(d / f".{name}.tmp", d / name)
-        for d in (state, meta):
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(fd)
-            os.close(fd)
+        fd = os.open(meta, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
         os.unlink(intent)
         client.close()
         os.close(lock)
@@ -834,8 +836,9 @@ class _PivotFloor:
     the raw ``block-job-complete`` -> ``BLOCK_JOB_COMPLETED``, the steps any
     such implementation takes, each in its cheapest form: the domain's lock,
     the state file read and parsed, QMP connected and negotiated (started
-    first), the pivot's intent written durably before QEMU is asked, the
-    completion's ``error`` read, the result written durably, the job
+    first), the pivot's intent written before QEMU is asked, the
+    completion's ``error`` read, the result written (both atomically, not
+    synced: runtime state of a transient domain, as virtshift's), the job
     dismissed (``auto-dismiss`` off: a process that dies still finds the
     outcome), the socket closed.  Not done: removing the old chain
     from QEMU's graph, reading the graph back.  Each repetition's mirror is
@@ -888,15 +891,12 @@ class _PivotFloor:
         job = self._ready(k, dest)
         state = self.state
 
-        def durable(name: str, data: bytes) -> None:
+        def runtime(name: str, data: bytes) -> None:
+            # (atomic, not synced: it describes a QEMU, which a power loss ends)
             fd = os.open(state / f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, data)
-            os.fsync(fd)
             os.close(fd)
             os.replace(state / f".{name}.tmp", state / name)
-            dfd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(dfd)
-            os.close(dfd)
 
         os.sync()  # as the other systems' reps
         t0 = time.perf_counter()
@@ -905,13 +905,13 @@ class _PivotFloor:
         client = RawQMP(self.monitor, soon=True)
         with open(state / "status.xml", "rb") as f:
             etree.fromstring(f.read())
-        durable("pivot-intent.json", json.dumps({"job": job, "pivot": dest}).encode())
+        runtime("pivot-intent.json", json.dumps({"job": job, "pivot": dest}).encode())
         client.ready()
         ev = client.execute_until(
             "block-job-complete", {"device": job}, ("BLOCK_JOB_COMPLETED",), job
         )
         assert not ev["data"].get("error"), ev
-        durable("status.xml", self.text)
+        runtime("status.xml", self.text)
         client.execute("job-dismiss", {"id": job})
         os.unlink(state / "pivot-intent.json")
         client.close()

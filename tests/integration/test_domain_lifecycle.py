@@ -229,6 +229,55 @@ def test_qemu_dies_behind_our_back(conn, two_disks, root: Path) -> None:
     dom.destroy()
 
 
+def test_a_status_cut_short_by_a_power_loss_reads_as_a_qemu_that_is_gone(
+    conn, two_disks, root: Path
+) -> None:
+    # status files are not synced: a power loss ends their QEMU and may leave
+    # them empty or cut short.  Such a file of a QEMU that is gone (nothing
+    # listens on its monitor) is cleared like any stale status; the same file
+    # beside a live QEMU is an error, and nothing is cleared then
+    import time
+
+    def kill_and_wait(pid: int) -> None:
+        # until its monitor refuses connections: the last of its threads is
+        # gone (the first may show as a zombie before)
+        from virtshift.qmp.client import connect_unix
+
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                connect_unix(str(root / "run/qemu/domain-cut/monitor.sock")).close()
+            except ConnectionRefusedError:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"QEMU {pid} did not die")
+
+    _base, top, _data = two_disks
+    dom = conn.defineXML(domain_xml("cut", [("vda", top, "qcow2")]))
+    dom.create()
+    status = root / "run/qemu/cut.xml"
+    text = status.read_bytes()
+    status.write_bytes(text[: len(text) // 2])
+    with pytest.raises(libvirt.libvirtError) as info:
+        dom.isActive()
+    assert info.value.get_error_code() == libvirt.VIR_ERR_XML_ERROR
+    assert status.read_bytes() == text[: len(text) // 2]
+    status.write_bytes(text)
+    assert dom.isActive() == 1
+    for cut in (b"", text[: len(text) // 2]):
+        kill_and_wait(int(etree.fromstring(status.read_bytes()).get("pid")))
+        status.write_bytes(cut)
+        assert dom.isActive() == 0
+        active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        assert [d.name() for d in active] == []
+        dom.create()  # the status is cleared and does not block a new start
+        assert dom.isActive() == 1
+        assert etree.fromstring(status.read_bytes()).get("pid") != "0"
+    dom.destroy()
+    dom.undefine()
+
+
 def test_session_uri_uses_the_per_user_data_dir(two_disks, tmp_path: Path, monkeypatch) -> None:
     _base, top, _data = two_disks
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))

@@ -263,10 +263,18 @@ class Driver:
         domain, whatever the file says: a status file can never point virtshift
         at another QEMU's monitor.
         """
-        status: DomainStatus | None = self._cached(self.status_path(name), self._parse_status)
+        rundir = self.domain_run_dir(name)
+        try:
+            status: DomainStatus | None = self._cached(self.status_path(name), self._parse_status)
+        except VirtError as err:
+            # written without fsync (see _write_status): after a power loss the
+            # file may be empty or cut short, and its QEMU is gone with the boot
+            if err.code != ErrorCode.XML_ERROR or _listening(rundir / MONITOR_SOCKET):
+                raise
+            _log.warning("domain '%s': unreadable status of a QEMU that is gone (%s)", name, err)
+            return None
         if status is None:
             return None
-        rundir = self.domain_run_dir(name)
         if not _qemu_alive(status, rundir):
             return None
         return dataclasses.replace(
@@ -604,8 +612,13 @@ class Driver:
         return status if caps is status.caps else dataclasses.replace(status, caps=caps)
 
     def _write_status(self, name: str, status: DomainStatus) -> None:
+        """Replace the status file: atomically (a process that dies finds the old
+        or the new one), but not synced.  It describes a QEMU process, which a
+        power loss ends: no status needs to outlive one, and a file it cut short
+        reads as the status of a QEMU that is gone (:meth:`_read_status`).  What
+        must outlive it (the persistent definition, snapshot metadata) is synced."""
         status = dataclasses.replace(status, caps=self._store_caps(status.caps))
-        write_atomic(self.status_path(name), format_status(status))
+        write_atomic(self.status_path(name), format_status(status), durable=False)
 
     # -- QEMU's command list, kept in the capability cache ----------------------
 
@@ -664,15 +677,20 @@ class Driver:
         self, name: str, status: DomainStatus, *, spare: Callable[[], bool] = lambda: True
     ) -> PreparedStatus:
         """Everything :meth:`write_prepared_status` needs but putting the file
-        in place (done while QEMU works on a command): the text, written and
-        synced under a temporary name, and, while ``spare()`` says QEMU is
-        still working, what reading it back gives, so that the next call in
-        this process need not parse it.
+        in place (done while QEMU works on a command): the text, written under
+        a temporary name (not synced: see :meth:`_write_status`), and, while
+        ``spare()`` says QEMU is still working, what reading it back gives, so
+        that the next call in this process need not parse it.
+
+        (Not the model itself: what formatting a model gives depends on the
+        elements it was parsed from, so a model built in memory can format
+        another document, for instance a snapshot's inactive ``<domain>``,
+        than the same model read back from the file.)
 
         The caller either writes it or calls :meth:`PreparedStatus.discard`."""
         status = dataclasses.replace(status, caps=self._store_caps(status.caps))
         text = format_status(status)
-        file = prepare_atomic(self.status_path(name), text)
+        file = prepare_atomic(self.status_path(name), text, durable=False)
         try:
             read_back = self._parse_status(text.encode()) if spare() else None
         except BaseException:
@@ -924,12 +942,26 @@ class PreparedStatus:
     #: What parsing the document gives (as :meth:`Driver._cached` would keep
     #: it); None when there was no time to spare for it.
     read_back: DomainStatus | None
-    #: The document written and synced under a temporary name.
+    #: The document written under a temporary name.
     file: PreparedFile
 
     def discard(self) -> None:
         """Remove the temporary file, unless written (safe to call twice)."""
         self.file.discard()
+
+
+def _listening(sock: Path) -> bool:
+    """Whether a process accepts connections on the unix socket ``sock`` (True
+    when that cannot be told)."""
+    from virtshift.qmp.client import connect_unix
+
+    try:
+        connect_unix(str(sock)).close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _reap(pid: int) -> None:
