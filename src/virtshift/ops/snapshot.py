@@ -216,7 +216,7 @@ def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotD
             raise VirtError(ErrorCode.CONFIG_UNSUPPORTED, f"no disk named '{entry.name}'")
         if disk.target in by_target:
             raise VirtError(ErrorCode.CONFIG_UNSUPPORTED, f"disk '{disk.target}' specified twice")
-        by_target[disk.target] = dataclasses.replace(entry, name=disk.target)
+        by_target[disk.target] = entry  # (named by its target below)
     aligned: list[SnapshotDisk] = []
     for disk in domain.disks:
         entry = by_target.get(disk.target) or SnapshotDisk(name=disk.target)
@@ -248,7 +248,7 @@ def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotD
                     f"file '{entry.path}' for disk '{disk.target}' requires use of external "
                     "snapshot mode",
                 )
-            aligned.append(dataclasses.replace(entry, snapshot="no"))
+            aligned.append(dataclasses.replace(entry, name=disk.target, snapshot="no"))
             continue
         fmt = entry.format or "qcow2"
         if fmt != "qcow2":
@@ -259,7 +259,12 @@ def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotD
         path = entry.path or overlay_name(disk, snap.name)
         aligned.append(
             dataclasses.replace(
-                entry, snapshot="external", format=fmt, path=path, type=entry.type or "file"
+                entry,
+                name=disk.target,
+                snapshot="external",
+                format=fmt,
+                path=path,
+                type=entry.type or "file",
             )
         )
     _check_collisions(domain, aligned, explicit={d.name for d in snap.disks if d.path})

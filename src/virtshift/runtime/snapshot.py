@@ -142,6 +142,18 @@ def preflight(plan: SnapshotPlan, domain: Domain) -> dict[str, PathKind]:
     return kinds
 
 
+def preflight_now(plan: SnapshotPlan, rec: DomainRecord) -> dict[str, PathKind] | None:
+    """:func:`preflight` of a live plan before its monitor is used, or None
+    when a block job of the domain is unended: the plan is then checked after
+    the job is brought up to date (reconcile may change the domain).  (``rec``
+    was read under this lock: with no job to bring up to date, reconcile would
+    change nothing, and the overlays are looked at while the monitor connects.)"""
+    assert rec.status is not None
+    if any(not j.state.ended for j in rec.status.jobs):
+        return None
+    return preflight(plan, rec.definition)
+
+
 def _check_reused_backing(ov: OverlayPlan, top: StorageSource) -> None:
     layer = read_layer(ov.path, "qcow2")
     backing = layer.full_backing_filename
@@ -511,6 +523,7 @@ def write_intent(
     rec: DomainRecord,
     plan: SnapshotPlan,
     snapshot: SnapshotDocument | None,
+    kinds: dict[str, PathKind] | None = None,
 ) -> Path:
     """Record, before QEMU is asked, what a snapshot changes: how to tell that QEMU
     carried it out (each disk's new top node), the overlays (from which the status
@@ -520,12 +533,19 @@ def write_intent(
     The metadata document is kept as it is if it is already formatted; if not,
     as the document without its ``<domain>`` and the file that domain was read
     from (:meth:`SnapshotDocument.parts`), from which :func:`recover_intent`
-    formats the same document."""
+    formats the same document.
+
+    :param kinds: what :func:`preflight` found at each overlay path, if it ran
+        (else each path is looked at here)."""
     data: dict[str, Any] = {
         "new": _new_tops(rec, plan),
         "overlays": [{f: getattr(ov, f) for f in _INTENT_FIELDS} for ov in plan.overlays],
         "snapshot": None,
-        "created": [ov.path for ov in plan.overlays if path_kind(ov.path) == PathKind.MISSING],
+        "created": [
+            ov.path
+            for ov in plan.overlays
+            if (kinds[ov.path] if kinds is not None else path_kind(ov.path)) == PathKind.MISSING
+        ],
     }
     source: bytes | None = None
     if snapshot is not None:
@@ -701,11 +721,15 @@ def take_snapshot(
     *,
     window: Callable[[], object] | None = None,
     monitor: Monitor | None = None,
+    kinds: dict[str, PathKind] | None = None,
 ) -> SnapshotDef:
     """Execute ``plan`` on the domain of ``rec`` (lock held by the caller).
 
     ``window``: see :func:`take_live`.  ``monitor``: the domain's monitor,
     if the caller started connecting it (:meth:`Monitor.connect_soon`).
+    ``kinds``: what :func:`preflight` returned for ``plan`` under this lock,
+    if the caller ran it (it must not with an unended block job: see
+    :func:`preflight_now`).
 
     A disk with a ``<mirror>`` (R5) gets its mirror job right after the
     transaction; if the job cannot start, the snapshot is undone (each new
@@ -719,11 +743,7 @@ def take_snapshot(
     from virtshift.runtime.blockjob import BlockJobOps
 
     jobs = BlockJobOps(driver)
-    unended = any(not j.state.ended for j in rec.status.jobs)
-    # (rec was read under this lock: with no job to bring up to date, reconcile
-    # would change nothing, and the overlays are looked at while the monitor
-    # connects)
-    before = None if unended else preflight(plan, rec.definition)
+    before = kinds if kinds is not None else preflight_now(plan, rec)
     with monitor if monitor is not None else Monitor(rec.status.monitor) as mon:
         if before is None:
             jobs.reconcile(rec.name, mon)
@@ -1170,9 +1190,12 @@ class Snapshots:
             else None
         )
         intent = None
+        kinds = None
         if transaction:
+            # the overlays are checked first: bad input never leaves an intent
+            kinds = preflight_now(plan, rec)
             # a process that dies from here on leaves this for the next call
-            intent = write_intent(self.driver, rec, plan, document)
+            intent = write_intent(self.driver, rec, plan, document, kinds)
         new = tree.add(_node(plan.snapshot), make_current=True) if document is not None else tree
         staged: list[_Staged] = []
 
@@ -1195,6 +1218,7 @@ class Snapshots:
                 plan,
                 window=window if document is not None else None,
                 monitor=monitor,
+                kinds=kinds,
             )
             faults.point("snapshot-before-metadata")
             if document is not None:

@@ -293,10 +293,15 @@ def _parse_disk(el: etree._Element, *, redefine: bool) -> SnapshotDisk:
             # An empty path means "no path" (libvirt's compatibility rule).
             path = source.get(_PATH_ATTR[storage_type]) or None
 
-    fmt = _xstr(el, "./driver/@type")
-    if fmt is not None and (fmt not in _FORMATS or fmt == _FORMATS[0]):
-        raise _error(ErrorCode.CONFIG_UNSUPPORTED, f"unknown disk snapshot driver '{_show(fmt)}'")
-    max_size = _scaled_bytes(el, _METADATA_CACHE_XPATH)
+    fmt: str | None = None
+    max_size: int | None = None
+    if el.find("driver") is not None:  # (both paths start there: no XPath without one)
+        fmt = _xstr(el, "./driver/@type")
+        if fmt is not None and (fmt not in _FORMATS or fmt == _FORMATS[0]):
+            raise _error(
+                ErrorCode.CONFIG_UNSUPPORTED, f"unknown disk snapshot driver '{_show(fmt)}'"
+            )
+        max_size = _scaled_bytes(el, _METADATA_CACHE_XPATH)
 
     if path is not None and not path.startswith("/"):
         raise _error(
