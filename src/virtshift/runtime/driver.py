@@ -291,8 +291,10 @@ class Driver:
         :raise NoDomain: no persistent or running domain has that name.
         """
         _check_name(name)
+        return self._record(name, self._read_status(name))
+
+    def _record(self, name: str, status: DomainStatus | None) -> DomainRecord:
         config = self._read_config(name)
-        status = self._read_status(name)
         if config is None and status is None:
             raise NoDomain(name)
         return DomainRecord(name=name, config=config, status=status)
@@ -316,18 +318,25 @@ class Driver:
         _check_name(name)
         lock = self.lock(name, timeout)
         with lock.hold(operation):
-            self._reap_stale(name)
+            status = self._reap_stale(name)
             if self.domain_run_dir(name).joinpath("snapshot-intent.json").exists():
                 from virtshift.runtime.snapshot import recover_intent
 
                 recover_intent(self, name)
-            yield self.record(name)
+                yield self.record(name)
+            else:
+                yield self._record(name, status)  # (read just now, under this lock)
 
-    def _reap_stale(self, name: str) -> None:
+    def _reap_stale(self, name: str) -> DomainStatus | None:
+        """The status of a running domain; a stale one is cleared (None then)."""
         path = self.status_path(name)
-        if path.exists() and self._read_status(name) is None:
+        if not path.exists():
+            return None
+        status = self._read_status(name)
+        if status is None:
             _log.info("domain '%s': QEMU is gone, clearing its status", name)
             self._clear_runtime(name)
+        return status
 
     # -- definition -----------------------------------------------------------
 

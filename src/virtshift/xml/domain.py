@@ -462,6 +462,14 @@ def validate_domain(dom: Domain) -> None:
 # Formatting helpers
 
 
+def _copy(el: etree._Element) -> etree._Element:
+    """A copy of ``el`` and everything below it: what ``copy.deepcopy`` gives
+    (lxml's ``__deepcopy__`` is its ``__copy__``), without the ``copy``
+    module's per-call bookkeeping (formatting copies every disk's elements)."""
+    copied: etree._Element = el.__copy__()  # type: ignore[attr-defined]
+    return copied
+
+
 def _set_attr(el: etree._Element, name: str, value: str | None) -> None:
     """Set (or with None remove) an attribute, leaving it untouched when equal."""
     if value is None:
@@ -700,7 +708,7 @@ def _source_element(
     live_index = index_here and not inactive and layer.index is not None
     if template is None and not _has_source_data(layer) and not live_index:
         return None
-    src = copy.deepcopy(template) if template is not None else etree.Element("source")
+    src = _copy(template) if template is not None else etree.Element("source")
     _apply_source_attrs(src, layer)
     if index_here:
         _apply_index(src, layer.index, inactive=inactive)
@@ -716,7 +724,7 @@ def _copy_layer(bs: etree._Element) -> etree._Element:
     cost N**2 element copies."""
     nested = [c for c in bs if c.tag == "backingStore"]
     if not nested or len(nested[0]) == 0 or bs.nsmap:
-        return copy.deepcopy(bs)
+        return _copy(bs)
     new = etree.Element("backingStore")
     for key, value in bs.attrib.items():
         new.set(key, value)
@@ -726,7 +734,7 @@ def _copy_layer(bs: etree._Element) -> etree._Element:
             stand_in = etree.SubElement(new, "backingStore")
             stand_in.tail = child.tail
         else:
-            new.append(copy.deepcopy(child))
+            new.append(_copy(child))
     return new
 
 
@@ -744,7 +752,7 @@ def _backing_element(
         # what formatting it gives is what it was parsed from (a new snapshot
         # keeps the whole chain below the old top as it was): one C-level copy
         # instead of a Python pass over every layer
-        copied: etree._Element = copy.deepcopy(layer.tree)
+        copied: etree._Element = _copy(layer.tree)
         return copied
     bs_template, src_template = _templates(layer, old)
     if bs_template is not None:
@@ -797,7 +805,7 @@ def _write_chain(
 def _mirror_element(mirror: Mirror, old: Sequence[_OldLayer]) -> etree._Element:
     """The live ``<mirror>`` of a disk."""
     if mirror.tree is not None:
-        el: etree._Element = copy.deepcopy(mirror.tree)
+        el: etree._Element = _copy(mirror.tree)
         orig = _mirror_from_element(mirror.tree)
         if _mirror_key(orig) == _mirror_key(mirror):
             return el
@@ -888,7 +896,7 @@ def _tree_disk(tree: etree._Element) -> Disk:
 
 def _disk_element(disk: Disk, *, inactive: bool) -> etree._Element:
     if disk.tree is not None:
-        el: etree._Element = copy.deepcopy(disk.tree)
+        el: etree._Element = _copy(disk.tree)
         orig: Disk | None = _tree_disk(disk.tree)
     else:
         el = etree.Element("disk")
@@ -959,7 +967,7 @@ def _disk_element(disk: Disk, *, inactive: bool) -> etree._Element:
 
 def _channel_element(channel: Channel, *, inactive: bool) -> etree._Element:
     if channel.tree is not None:
-        el: etree._Element = copy.deepcopy(channel.tree)
+        el: etree._Element = _copy(channel.tree)
         orig: Channel | None = _channel_from_element(channel.tree)
     else:
         el = etree.Element("channel")
@@ -995,7 +1003,7 @@ def _domain_element(dom: Domain, *, inactive: bool) -> etree._Element:
             # Copy the whole document so comments around the root survive.
             root = copy.deepcopy(source_root.getroottree()).getroot()
         else:
-            root = copy.deepcopy(source_root)
+            root = _copy(source_root)
         # what the tree says of the fields compared below (its disks and
         # channels are written from the model whatever the tree says)
         orig: Domain | None = _head_from_element(source_root)
