@@ -344,11 +344,23 @@ def test_intent_parts_give_the_document_the_call_writes(
     dom = conn.defineXML(xml) if persistent else conn.createXML(xml, 0)
     if persistent:
         dom.create()
-    for name in ("p1", "p2"):
+    # p1: the snapshot's own values are plain fields in the intent; p2 keeps
+    # an element of the request as it is (a <source> child), so its intent
+    # holds the document with <domain><uuid> for its domain
+    seclabel = "<seclabel model='dac' relabel='no'/>"
+    overlay = images / f"{TARGETS[0]}.p2-own"
+    for name, disk in (
+        ("p1", ""),
+        (
+            "p2",
+            f"<disks><disk name='{TARGETS[0]}' snapshot='external'>"
+            f"<source file='{overlay}'>{seclabel}</source></disk></disks>",
+        ),
+    ):
         desc = "caf\u00e9 & <tea> 'quoted' \"too\""
         dom.snapshotCreateXML(
             f"<domainsnapshot><name>{name}</name><description>{escape(desc)}</description>"
-            "</domainsnapshot>",
+            f"{disk}</domainsnapshot>",
             DISK_ONLY | ATOMIC,
         )
     assert len(kept) == 2
@@ -356,8 +368,14 @@ def test_intent_parts_give_the_document_the_call_writes(
         assert intent["snapshot"] is None  # the document was not formatted before QEMU
         parts = intent["snapshot_parts"]
         assert parts["kind"] == ("config" if persistent else "status")
-        assert "<domain>" in parts["head"]
-        assert "<disk" not in parts["head"].split("<domain>")[1]
+        if name == "p1":
+            assert isinstance(parts["head"], dict)
+            assert parts["head"]["description"] == desc
+            assert [d["name"] for d in parts["head"]["disks"]] == list(TARGETS[:3])
+        else:
+            assert "<domain>" in parts["head"]
+            assert "<disk" not in parts["head"].split("<domain>")[1]
+            assert "<seclabel" in parts["head"]
         recovered = runtime_snapshot.SnapshotDocument.from_parts(
             parts["head"], parts["kind"], source
         )
@@ -366,6 +384,7 @@ def test_intent_parts_give_the_document_the_call_writes(
             written = written.replace("<active>0</active>", "<active>1</active>")
         assert recovered == written
         assert "caf\u00e9 &amp; &lt;tea&gt;" in written
+        assert (seclabel in written) == (name == "p2")
     dom.destroy()
 
 

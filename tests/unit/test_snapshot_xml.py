@@ -32,7 +32,9 @@ from virtshift.xml.snapshot import (
     apply_creation_defaults,
     check_snapshot_name,
     format_snapshot,
+    head_fields,
     parse_snapshot,
+    snapshot_from_fields,
     validate_snapshot_xml,
 )
 
@@ -137,6 +139,67 @@ def test_corpus_case_table_is_complete() -> None:
     assert len(_CASES) == 19
     kinds = [c["kind"] for c in _CASES]
     assert (kinds.count("out->out"), kinds.count("in->out"), kinds.count("in->in")) == (9, 7, 3)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c["id"] for c in _CASES])
+def test_plain_fields_format_what_the_definition_formats(
+    libvirt_dir: Path, case: dict[str, Any]
+) -> None:
+    # a snapshot intent keeps a new snapshot's own values as plain fields when
+    # they say everything its document holds (else it keeps the document): both
+    # must format the very same document, with the domain put back or not
+    if case.get("expect_error"):
+        pytest.skip("an error case")
+    flags = set(case["test_flags"])
+    text = (libvirt_dir / case["input"]).read_text()
+    snap = parse_snapshot(text, redefine="REDEFINE" in flags, internal="INTERNAL" in flags)
+    snap = apply_creation_defaults(snap, creation_time=case["mock_creation_time"] or 1)
+    bare = dataclasses.replace(snap, domain=None)
+    fields = head_fields(bare)
+    has_own_elements = (
+        snap.cookie is not None
+        or snap.inactive_domain is not None
+        or bool(snap.revert_disks)
+        or any(
+            d.tree is not None
+            and (src := d.tree.find("source")) is not None
+            and (len(src) > 0 or set(src.attrib) - {"file", "dev", "dir", "protocol", "name"})
+            for d in snap.disks
+        )
+    )
+    if fields is None:
+        assert has_own_elements
+        return
+    assert json.loads(json.dumps(fields)) == fields  # what an intent can hold
+    back = snapshot_from_fields(json.loads(json.dumps(fields)))
+    uuid = case["domain_uuid"] or "c7a5fdbd-edaf-9455-926a-d65c16db1809"
+    assert format_snapshot(back, internal=True, domain_uuid=uuid) == format_snapshot(
+        bare, internal=True, domain_uuid=uuid
+    )
+    if snap.domain is not None:
+        full = dataclasses.replace(back, domain=snap.domain, domain_uuid=None)
+        assert format_snapshot(full, internal=True) == format_snapshot(
+            dataclasses.replace(snap, domain_uuid=None), internal=True
+        )
+
+
+def test_plain_fields_refuse_text_xml_cannot_hold() -> None:
+    # such a text is left to formatting: libvirt drops control characters from
+    # element text, and an attribute that cannot hold one is refused, before
+    # QEMU is asked
+    uuid = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
+    snap = SnapshotDef(name="s", description="bell\x07", creation_time=1, current=True)
+    assert head_fields(snap) is None
+    assert "<description>bell</description>" in format_snapshot(
+        snap, internal=True, domain_uuid=uuid
+    )
+    assert head_fields(dataclasses.replace(snap, description="fine")) is not None
+    disk = SnapshotDisk(name="vda", snapshot="external", path="/images/a\x07b")
+    odd = dataclasses.replace(snap, description=None, disks=(disk,))
+    assert head_fields(odd) is None
+    with pytest.raises(VirtError) as info:
+        format_snapshot(odd, internal=True, domain_uuid=uuid)
+    assert info.value.code == ErrorCode.INVALID_ARG
 
 
 def test_corpus_redefine_is_idempotent(libvirt_dir: Path) -> None:

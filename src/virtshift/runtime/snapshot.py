@@ -81,7 +81,9 @@ from virtshift.xml.snapshot import (
     apply_creation_defaults,
     check_snapshot_name,
     format_snapshot,
+    head_fields,
     parse_snapshot,
+    snapshot_from_fields,
     validate_snapshot_xml,
 )
 
@@ -476,23 +478,30 @@ class SnapshotDocument:
             self.text = self._format()
         return self.text
 
-    def parts(self) -> tuple[str, str, bytes]:
-        """The document without its domain (``<domain><uuid>`` instead), and
-        the kind and bytes of the file the domain was read from: what
-        :meth:`from_parts` formats the same document from.  Formatting the
-        first part checks every value of the snapshot's own (the domain's
-        were checked when its file was written)."""
+    def parts(self) -> tuple[str | dict[str, object], str, bytes]:
+        """The snapshot without its domain, and the kind and bytes of the file
+        the domain was read from: what :meth:`from_parts` formats the same
+        document from.  The first part is the snapshot's own values as plain
+        fields (:func:`head_fields`: every text checked writable), or, when
+        those do not say everything the document holds, the document with
+        ``<domain><uuid>`` for its domain, whose formatting checks every
+        value.  (The domain's were checked when its file was written.)"""
         assert self._source is not None
         kind, source = self._source
-        head = format_snapshot(
-            dataclasses.replace(self._snap, domain=None), internal=True, domain_uuid=self._uuid
-        )
+        snap = dataclasses.replace(self._snap, domain=None)
+        head: str | dict[str, object] | None = head_fields(snap)
+        if head is None:
+            head = format_snapshot(snap, internal=True, domain_uuid=self._uuid)
         return head, kind, source
 
     @staticmethod
-    def from_parts(head: str, kind: str, source: bytes) -> str:
+    def from_parts(head: str | dict[str, object], kind: str, source: bytes) -> str:
         """The document :meth:`parts` describe."""
-        snap = parse_snapshot(head, redefine=True, internal=True)
+        snap = (
+            parse_snapshot(head, redefine=True, internal=True)
+            if isinstance(head, str)
+            else snapshot_from_fields(head)
+        )
         domain = domain_from_source(kind, source)
         return format_snapshot(
             dataclasses.replace(snap, domain=domain, domain_uuid=None),
