@@ -174,7 +174,7 @@ class RawQMP:
     """A bare QMP client on a blocking unix socket: JSON lines, an id per
     command, events kept while a reply is awaited.  Written here, apart from
     virtshift's Monitor, so the reference does not share its code; like it,
-    no thread and no event loop.
+    no thread and no event loop, and one thread uses it.
 
     ``soon=True`` sends the negotiation and returns at once: :meth:`ready`
     reads the greeting and the negotiation's reply (a connection overlapped
@@ -1781,9 +1781,14 @@ class Bench:
         name = f"mraw{k}{int(busy)}"
         twin = self.vs_start(name, [top])
         raw = RawQMP(self.monitor_path(name))
+        # the guest's writes go over the domain's second (query) monitor: a
+        # RawQMP belongs to one thread, and QEMU takes one client per monitor
+        hmp = (
+            RawQMP(self.monitor_path(name).replace("monitor.sock", "query.sock")) if busy else None
+        )
         writer = (
-            Writer(lambda cmd: raw.execute("human-monitor-command", {"command-line": cmd}))
-            if busy
+            Writer(lambda cmd: hmp.execute("human-monitor-command", {"command-line": cmd}))
+            if hmp is not None
             else None
         )
         src, dst = d / "src", d / "dst"
@@ -1894,6 +1899,8 @@ class Bench:
         finally:
             if writer:
                 writer.halt()
+            if hmp is not None:
+                hmp.close()
             raw.close()
             self.destroy(twin)
             shutil.rmtree(d, ignore_errors=True)
