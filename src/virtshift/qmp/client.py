@@ -297,7 +297,7 @@ class Monitor:
         :raise QMPError: QEMU answered with an error (``desc`` and ``class`` kept),
             or the monitor went away.
         """
-        return self.submit(command, arguments, timeout=timeout).result()
+        return self._pending(command, arguments, timeout).result()
 
     def submit(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -309,17 +309,24 @@ class Monitor:
         the command's success will need written): the command is on the wire
         before this returns, so that work does not delay it.
         """
+        pending = self._pending(command, arguments, timeout)
+        # Linux wakes the reader of a unix socket "synchronously": QEMU's main
+        # thread is queued on this thread's CPU, on the guess that the writer
+        # now waits.  This one works instead, and the two would share one CPU
+        # (seen: 2 ms of Python taking 4-6 ms of wall time in 4 calls of 48)
+        # until the balancer moves one.  Sleeping a moment lets QEMU start
+        # here; this thread then wakes on a CPU that is free, if there is one.
+        # (execute() waits for the reply at once: it needs no pause.)
+        time.sleep(_SUBMIT_PAUSE)
+        return pending
+
+    def _pending(
+        self, command: str, arguments: dict[str, Any] | None, timeout: float | None
+    ) -> Pending:
         sent: dict[str, Any] = {"execute": command}
         if arguments:
             sent["arguments"] = arguments
         ident = self._send(command, sent)
-        # Linux wakes the reader of a unix socket "synchronously": QEMU's main
-        # thread is queued on this thread's CPU, on the guess that the writer
-        # now waits.  This one works instead, and the two would share one CPU
-        # (seen: 2 ms of Python taking 4-6 ms of wall time in one call of four)
-        # until the balancer moves one.  Sleeping a moment lets QEMU start
-        # here; this thread then wakes on a CPU that is free, if there is one.
-        time.sleep(_SUBMIT_PAUSE)
         return Pending(self, command, sent, ident, timeout if timeout else self.timeout)
 
     def execute_raw(self, text: str) -> dict[str, Any]:
