@@ -186,6 +186,7 @@ class RawQMP:
         self.buf = b""
         self.events: list[dict[str, Any]] = []
         self.count = 0
+        self.tail = b""
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -215,13 +216,29 @@ class RawQMP:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)  # type: ignore[no-any-return]
 
-    def send(self, cmd: str, args: dict[str, Any] | None) -> int:
+    def send(self, cmd: str, args: dict[str, Any] | None, *, held: int = 0) -> int:
+        """Write a command (as virtshift does: no blanks after separators); with
+        ``held``, all but its last ``held`` bytes, which :meth:`finish` writes."""
         self.count += 1
         msg: dict[str, Any] = {"execute": cmd, "id": self.count}
         if args:
             msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        self.sock.sendall(data[: len(data) - held])
+        self.tail = data[len(data) - held :]
         return self.count
+
+    def finish(self) -> None:
+        """Write what :meth:`send` held back."""
+        self.sock.sendall(self.tail)
+        self.tail = b""
+
+    def unread(self) -> int:
+        """Bytes written that QEMU has not read yet (``SIOCOUTQ``)."""
+        import fcntl
+
+        got = fcntl.ioctl(self.sock.fileno(), 0x5411, b"\0\0\0\0")
+        return int.from_bytes(got, sys.byteorder, signed=True)
 
     def reply(self, ident: int) -> Any:
         while True:
@@ -747,13 +764,16 @@ class _FloorSnap(_RawSnap):
     the REUSE_EXT overlay's header read, no XML formatting):
 
     take the domain's lock (``flock``); read and parse the state file (lxml);
-    parse the request (lxml); read each pre-created overlay's header; write
-    the intent (runtime: rename, no ``fsync``, as virtshift's); connect and
-    negotiate QMP (the socket opened and the negotiation sent first, so QEMU
-    answers during the above); the transaction, while QEMU works write the
-    new state file and write and sync the new metadata document under
-    temporary names; after the reply rename both, sync the metadata's directory, remove
-    the intent, close the socket, drop the lock.  The state file is not
+    parse the request (lxml); write the transaction but its closing brace
+    (QEMU reads it meanwhile, as virtshift's ``Monitor.prime``); read each
+    pre-created overlay's header; write the intent (runtime: rename, no
+    ``fsync``, as virtshift's); connect and negotiate QMP (the socket opened
+    and the negotiation sent first, so QEMU answers during the above); write
+    the new state file and write and sync the new metadata document under
+    temporary names, while QEMU still reads the command, and the rest once it
+    has, after sending the closing brace; after the reply rename both, sync
+    the metadata's directory, remove the intent, close the socket, drop the
+    lock.  The state file is not
     synced (as virtshift's since it stopped syncing status files): it
     describes a QEMU, which a power loss ends.
 
@@ -798,6 +818,8 @@ class _FloorSnap(_RawSnap):
             text = f.read()
         etree.fromstring(text)
         paths = [e.get("file") for e in etree.fromstring(request.encode()).iter("source")]
+        # QEMU reads the command, all but its closing brace, meanwhile
+        pending = client.send("transaction", {"actions": actions}, held=2)
         if self.reuse:
             for path in paths:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -808,15 +830,24 @@ class _FloorSnap(_RawSnap):
             f.write(json.dumps({"new": names, "paths": paths}))
         os.replace(state / "intent.json.tmp", intent)
         client.ready()
-        pending = client.send("transaction", {"actions": actions})
+        writes = [(state, "status.xml", False), (meta, f"s{k}.xml", True)]
         tmps = []
-        for d, name, sync in ((state, "status.xml", False), (meta, f"s{k}.xml", True)):
+
+        def write() -> None:
+            d, name, sync = writes.pop(0)
             fd = os.open(d / f".{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, text)
             if sync:
                 os.fsync(fd)
             os.close(fd)
             tmps.append((d, name))
+
+        # the writes while QEMU still reads, the rest while it runs the command
+        while writes and client.unread() > 0:
+            write()
+        client.finish()
+        while writes:
+            write()
         client.reply(pending)
         for d, name in tmps:
             os.replace(d / f".{name}.tmp", d / name)

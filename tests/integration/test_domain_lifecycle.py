@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -398,6 +400,110 @@ def test_submitted_command_answers_like_execute(conn, two_disks, root: Path) -> 
     dom.destroy()
 
 
+def _read_by_qemu(mon) -> None:
+    """Wait until QEMU has read every byte written to ``mon``."""
+    deadline = time.monotonic() + 30
+    while mon.unread() > 0:
+        assert time.monotonic() < deadline, "QEMU did not read the command"
+        time.sleep(0.001)
+
+
+def test_a_primed_command_runs_only_once_its_rest_is_sent(conn, two_disks, root: Path) -> None:
+    # Monitor.prime writes all of a command but its closing brace: QEMU reads
+    # it, and runs it only when submit() sends the rest
+    from virtshift.qmp.client import Monitor
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("prm", [("vda", top, "qcow2")]), 0)
+    run = root / "run/qemu/domain-prm"
+    query = Monitor(str(run / "query.sock")).connect()
+    # primed on a connection still being made: written after the negotiation
+    mon = Monitor(str(run / "monitor.sock")).connect_soon()
+    try:
+        mon.prime("stop")
+        _read_by_qemu(mon)
+        time.sleep(0.05)
+        assert query.execute("query-status")["status"] == "running"
+        assert mon.submit("stop").result() == {}
+        assert query.execute("query-status")["status"] == "paused"
+        # a command with arguments, on a connection made the usual way
+        mon.reconnect()
+        mon.prime("human-monitor-command", {"command-line": "cont"})
+        _read_by_qemu(mon)
+        assert query.execute("query-status")["status"] == "paused"
+        assert mon.submit("human-monitor-command", {"command-line": "cont"}).result() == ""
+        assert query.execute("query-status")["status"] == "running"
+    finally:
+        mon.close()
+        query.close()
+    dom.destroy()
+
+
+def test_a_primed_command_is_withdrawn_when_it_is_not_sent_whole(
+    conn, two_disks, root: Path
+) -> None:
+    # QEMU drops what it read of an unfinished command when its client goes:
+    # a close, a process that dies, or another command on the same monitor
+    # (which reconnects first) withdraws a primed command, and it never runs
+    from virtshift.qmp.client import Monitor
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("wdr", [("vda", top, "qcow2")]), 0)
+    run = root / "run/qemu/domain-wdr"
+    sock = str(run / "monitor.sock")
+    with Monitor(str(run / "query.sock")).connect() as query:
+        mon = Monitor(sock).connect()
+        mon.prime("stop")
+        _read_by_qemu(mon)
+        mon.close()
+        # the next client of the monitor is served once QEMU has dropped the last
+        with Monitor(sock).connect() as after:
+            assert after.execute("query-status")["status"] == "running"
+        code = (
+            "import os, sys, time; from virtshift.qmp.client import Monitor\n"
+            "m = Monitor(sys.argv[1]).connect(); m.prime('stop')\n"
+            "while m.unread() > 0: time.sleep(0.001)\n"
+            "os._exit(0)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code, sock], timeout=60, check=False)
+        assert done.returncode == 0
+        with Monitor(sock).connect() as after:
+            assert after.execute("query-status")["status"] == "running"
+            after.prime("stop")
+            _read_by_qemu(after)
+            assert after.execute("query-name") == {"name": "wdr"}
+            assert query.execute("query-status")["status"] == "running"
+            # the withdrawn command is sent whole when it is submitted after all
+            assert after.submit("stop").result() == {}
+            assert query.execute("query-status")["status"] == "paused"
+            after.execute("cont")
+    dom.destroy()
+
+
+def test_a_snapshot_primes_its_transaction(conn, two_disks, root: Path, caplog) -> None:
+    # the transaction is written while the request is checked and its intent
+    # written, and finished once QEMU may run it
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("psn", [("vda", top, "qcow2")]), 0)
+    with caplog.at_level(logging.DEBUG, logger="virtshift.qmp"):
+        dom.snapshotCreateXML(
+            "<domainsnapshot><name>s</name></domainsnapshot>",
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
+        )
+    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--> ")]
+    primed = [m for m in sent if '"execute":"transaction"' in m]
+    assert len(primed) == 1, sent
+    ident = json.loads(primed[0][4:])["id"]
+    assert f"--> (the rest of {ident})" in sent
+    assert not [m for m in sent if "withdrawn" in m]
+    live = etree.fromstring(dom.XMLDesc(0)).find("devices/disk/source")
+    assert live is not None
+    assert live.get("file") != str(top)
+    assert Path(live.get("file", "")).exists()
+    dom.destroy()
+
+
 def test_a_monitor_is_closed_before_its_lock_is_given_up(
     conn, two_disks, root: Path, monkeypatch
 ) -> None:
@@ -459,7 +565,6 @@ def test_a_monitor_is_closed_before_its_lock_is_given_up(
 
 def test_qmp_messages_are_logged_only_at_debug(conn, two_disks, root: Path, caplog) -> None:
     # the QMP client formats a message for its log only when the log shows it
-    import logging
 
     from virtshift.qmp.client import Monitor
 
@@ -470,7 +575,7 @@ def test_qmp_messages_are_logged_only_at_debug(conn, two_disks, root: Path, capl
         assert mon.execute("query-name") == {"name": "qlog"}
     sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--> ")]
     got = [r.getMessage() for r in caplog.records if r.getMessage().startswith("<-- ")]
-    assert any('"execute": "query-name"' in m for m in sent), sent
+    assert any('"execute":"query-name"' in m for m in sent), sent
     assert any('"name": "qlog"' in m for m in got), got
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="virtshift.qmp"), Monitor(sock).connect() as mon:

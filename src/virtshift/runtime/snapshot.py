@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from virtshift.ops.snapshot import (
     transaction_actions,
 )
 from virtshift.qmp.agent import GuestAgent
-from virtshift.qmp.client import Monitor
+from virtshift.qmp.client import Monitor, Pending
 from virtshift.qmp.models import parse_query_block
 from virtshift.runtime.driver import DomainRecord, Driver, PreparedStatus, domain_from_source
 from virtshift.store.files import (
@@ -150,10 +151,14 @@ def preflight_now(plan: SnapshotPlan, rec: DomainRecord) -> dict[str, PathKind] 
     the job is brought up to date (reconcile may change the domain).  (``rec``
     was read under this lock: with no job to bring up to date, reconcile would
     change nothing, and the overlays are looked at while the monitor connects.)"""
-    assert rec.status is not None
-    if any(not j.state.ended for j in rec.status.jobs):
+    if _job_unended(rec):
         return None
     return preflight(plan, rec.definition)
+
+
+def _job_unended(rec: DomainRecord) -> bool:
+    assert rec.status is not None
+    return any(not j.state.ended for j in rec.status.jobs)
 
 
 def _check_reused_backing(ov: OverlayPlan, top: StorageSource) -> None:
@@ -236,7 +241,7 @@ def take_live(
     mon: Monitor,
     *,
     kinds: dict[str, PathKind] | None = None,
-    window: Callable[[], object] | None = None,
+    window: Sequence[Callable[[], object]] = (),
 ) -> Domain:
     """Run the QMP part of a snapshot on a running domain; return the new live domain.
 
@@ -250,9 +255,10 @@ def take_live(
     :param kinds: what :func:`preflight` returned for this plan under the same
         lock, if the caller already ran it (each pre-created overlay's header is
         then read once per call, not twice).
-    :param window: work of the caller's to do while QEMU runs the transaction
-        (not while the guest is frozen); what it raises is logged and left for
-        the caller to meet again when it does the work itself.
+    :param window: work of the caller's to do while QEMU reads and runs the
+        transaction (not while the guest is frozen), in steps; what a step
+        raises is logged and left for the caller to meet again when it does
+        the work itself.
     """
     assert rec.status is not None
     before = kinds if kinds is not None else preflight(plan, rec.definition)
@@ -273,14 +279,33 @@ def take_live(
         if plan.use_transaction:
             faults.point("snapshot-before-transaction")
             try:
-                pending = mon.submit("transaction", {"actions": transaction_actions(plan)})
+                pending: Pending | None = None
+                # what the success will write, built while QEMU works (not
+                # while the guest is frozen: that must end as soon as QEMU
+                # answers)
+                work: list[Callable[[], object]] = []
                 if agent is None:
-                    # what the success will write, built while QEMU switches the
-                    # disks (not while the guest is frozen: that must end as
-                    # soon as QEMU answers)
-                    if window is not None:
-                        _in_window(window)
-                    prepared = _prepare_commit(driver, rec, plan, busy=lambda: not pending.done())
+                    work.extend(functools.partial(_in_window, step) for step in window)
+
+                    def busy() -> bool:
+                        if pending is None:  # QEMU still reads the command
+                            return mon.unread() > 0
+                        return not pending.done()
+
+                    def prepare() -> None:
+                        nonlocal prepared
+                        prepared = _prepare_commit(driver, rec, plan, busy=busy)
+
+                    work.append(prepare)
+                # while QEMU still reads a primed transaction (Monitor.prime),
+                # work delays nothing; once it runs the transaction, work competes
+                # with it for the CPUs: QEMU gets the rest of the command as soon
+                # as it has read the beginning
+                while work and mon.unread() > 0:
+                    work.pop(0)()
+                pending = mon.submit("transaction", {"actions": transaction_actions(plan)})
+                for each in work:
+                    each()
                 pending.result()
             except VirtError as err:
                 if not (isinstance(err, QMPError) and err.unanswered and _ran(mon, rec, plan, err)):
@@ -330,6 +355,16 @@ def take_live(
             f"{thaw_error.detail}",
         ) from thaw_error
     return live
+
+
+def _primable(plan: SnapshotPlan, rec: DomainRecord) -> bool:
+    """True when the monitor's next command is this plan's transaction: no
+    unended block job to bring up to date first, no reused mirror to look at
+    (a primed command another one comes before is withdrawn: never wrong,
+    only wasted)."""
+    if _job_unended(rec):
+        return False
+    return not (plan.reuse and any(ov.mirror is not None for ov in plan.overlays))
 
 
 def _in_window(work: Callable[[], object]) -> None:
@@ -728,7 +763,7 @@ def take_snapshot(
     rec: DomainRecord,
     plan: SnapshotPlan,
     *,
-    window: Callable[[], object] | None = None,
+    window: Sequence[Callable[[], object]] = (),
     monitor: Monitor | None = None,
     kinds: dict[str, PathKind] | None = None,
 ) -> SnapshotDef:
@@ -1184,6 +1219,10 @@ class Snapshots:
             plan, snapshot=dataclasses.replace(plan.snapshot, domain=rec.config or before)
         )
         transaction = plan.live and plan.use_transaction
+        if transaction and monitor is not None and _primable(plan, rec):
+            # QEMU reads the command while the overlays are checked and the
+            # intent is written; it runs only once take_live sends the rest
+            monitor.prime("transaction", {"actions": transaction_actions(plan)})
         # the new snapshot's document, formatted once (for the intent and its
         # file): while QEMU runs the transaction when the intent can do
         # without it, else now
@@ -1208,10 +1247,14 @@ class Snapshots:
         new = tree.add(_node(plan.snapshot), make_current=True) if document is not None else tree
         staged: list[_Staged] = []
 
-        def window() -> None:
-            # while QEMU works: the document, then the metadata files it
-            # changes (the new snapshot's, the old current one's, the index),
-            # written and synced under temporary names
+        # while QEMU works: the document, then the metadata files it changes
+        # (the new snapshot's, the old current one's, the index), written and
+        # synced under temporary names
+        def make() -> None:
+            assert document is not None
+            document.make()
+
+        def stage() -> None:
             assert document is not None
             assert snap.name is not None
             text = document.make()
@@ -1225,7 +1268,7 @@ class Snapshots:
                 self.driver,
                 rec,
                 plan,
-                window=window if document is not None else None,
+                window=(make, stage) if document is not None else (),
                 monitor=monitor,
                 kinds=kinds,
             )
