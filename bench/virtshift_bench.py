@@ -279,7 +279,9 @@ PATCH_POINTS: list[tuple[str, str | None, str, str | None]] = [
     ("virtshift.qmp.client", "Monitor", "connect", "QMP connect + negotiate"),
     ("virtshift.qmp.client", "Monitor", "close", "QMP disconnect"),
     ("virtshift.qmp.client", "Monitor", "execute", None),
-    # a command sent, then its reply awaited after other work (both count as the command)
+    # a command sent (primed first, or whole), then its reply awaited after other
+    # work (all count as the command)
+    ("virtshift.qmp.client", "Monitor", "prime", None),
     ("virtshift.qmp.client", "Monitor", "submit", None),
     ("virtshift.qmp.client", "Pending", "result", None),
     (
@@ -340,7 +342,7 @@ class Phases:
                 return fn(*args, **kwargs)
             if label is not None:
                 name = label
-            elif attr in ("execute", "submit"):
+            elif attr in ("execute", "submit", "prime"):
                 name = f"QMP {args[1]}"
             elif attr == "result":  # Pending.result
                 name = f"QMP {args[0]._command}"
