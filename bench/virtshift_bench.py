@@ -170,6 +170,10 @@ def rotate(items: list[Any], k: int) -> list[Any]:
 # -- raw QMP ----------------------------------------------------------------------------------
 
 
+#: A node name in libvirt's scheme, and its index.
+_NODE_INDEX = re.compile(r"libvirt-([0-9]+)-(?:format|storage)")
+
+
 class RawQMP:
     """A bare QMP client on a blocking unix socket: JSON lines, an id per
     command, events kept while a reply is awaited.  Written here, apart from
@@ -715,6 +719,10 @@ class _RawSnap(_SnapSystem):
             )
         nodes = self.b.top_nodes(self.raw)
         self.nodes = [nodes[f"virtio-disk{i}"] for i in range(self.n)]
+        # new nodes are named as virtshift names them (libvirt's scheme), so that
+        # the command is as long as virtshift's: QEMU reads it byte by byte
+        used = [int(m.group(1)) for v in nodes.values() if (m := _NODE_INDEX.fullmatch(v))]
+        self.next_index = max(used, default=self.n) + 1
 
     def _actions(self, new: list[str], names: list[str]) -> list[dict[str, Any]]:
         """The snapshot's ``transaction`` actions: each disk's top onto ``new``."""
@@ -732,10 +740,15 @@ class _RawSnap(_SnapSystem):
             for i in range(self.n)
         ]
 
+    def _names(self) -> list[str]:
+        """Names for the next snapshot's new nodes, ``libvirt-N-format`` as virtshift's."""
+        first, self.next_index = self.next_index, self.next_index + self.n
+        return [f"libvirt-{first + i}-format" for i in range(self.n)]
+
     def rep(self, k: int, how: str = "timed") -> float:
         assert self.raw is not None
         new = self._new(k)
-        names = [f"raw-{k}-{i}" for i in range(self.n)]
+        names = self._names()
         actions = self._actions(new, names)
         os.sync()  # as _VsSnap.rep
         t0 = time.perf_counter()
@@ -807,7 +820,7 @@ class _FloorSnap(_RawSnap):
         from lxml import etree
 
         new = self._new(k)
-        names = [f"floor-{k}-{i}" for i in range(self.n)]
+        names = self._names()
         request = snapshot_xml(f"s{k}", new)
         actions = self._actions(new, names)
         state, meta = self.state, self.meta
