@@ -359,9 +359,7 @@ class Monitor:
     def _pending(
         self, command: str, arguments: dict[str, Any] | None, timeout: float | None
     ) -> Pending:
-        sent: dict[str, Any] = {"execute": command}
-        if arguments:
-            sent["arguments"] = arguments
+        sent = _command(command, arguments)
         ident = self._send(command, sent)
         return Pending(self, command, sent, ident, timeout if timeout else self.timeout)
 
@@ -388,10 +386,7 @@ class Monitor:
             if self._sock is None or self._lost is not None or self._primed is not None:
                 return
             ident = self._next_id()
-            sent: dict[str, Any] = {"execute": command}
-            if arguments:
-                sent["arguments"] = arguments
-            data = self._encode({**sent, "id": ident})
+            data = self._encode({**_command(command, arguments), "id": ident})
             assert data.endswith(b'"}\n'), data[-20:]  # the id, a string, ends it
             try:
                 self._sock.sendall(data[:-_HELD])
@@ -417,9 +412,7 @@ class Monitor:
     def _finish(self, primed: _Primed, timeout: float | None) -> Pending:
         """Write the rest of ``primed`` (the whole command again if the
         connection it was written on is gone)."""
-        sent: dict[str, Any] = {"execute": primed.command}
-        if primed.arguments:
-            sent["arguments"] = primed.arguments
+        sent = _command(primed.command, primed.arguments)
         if self._soon:
             # the greeting and the negotiation's answer: an early connection
             # that failed is made again, and the primed text went with it
@@ -656,6 +649,14 @@ class Monitor:
                     return None
                 except (_Lost, OSError, ValueError) as err:
                     self._lost = _describe(err)
+
+
+def _command(command: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+    """A QMP command message without its id (no ``arguments`` when there are none)."""
+    sent: dict[str, Any] = {"execute": command}
+    if arguments:
+        sent["arguments"] = arguments
+    return sent
 
 
 def _describe(err: BaseException) -> str:
