@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -480,23 +481,81 @@ def test_a_primed_command_is_withdrawn_when_it_is_not_sent_whole(
     dom.destroy()
 
 
-def test_a_snapshot_primes_its_transaction(conn, two_disks, root: Path, caplog) -> None:
+def test_priming_another_command_withdraws_the_primed_one(
+    conn, two_disks, root: Path, caplog
+) -> None:
+    # a command primed on a guess is replaced when another is primed, and
+    # kept when the same one is: only the command submitted ever runs
+    from virtshift.qmp.client import Monitor
+
+    _base, top, _data = two_disks
+    dom = conn.createXML(domain_xml("rpr", [("vda", top, "qcow2")]), 0)
+    run = root / "run/qemu/domain-rpr"
+    with Monitor(str(run / "query.sock")).connect() as query:
+        mon = Monitor(str(run / "monitor.sock")).connect_soon()
+        with caplog.at_level(logging.DEBUG, logger="virtshift.qmp"):
+            mon.prime("stop")
+            _read_by_qemu(mon)
+            mon.prime("query-name")  # the stop is withdrawn
+            mon.prime("query-name")  # the same: kept as it is
+            _read_by_qemu(mon)
+            assert query.execute("query-status")["status"] == "running"
+            assert mon.submit("query-name").result() == {"name": "rpr"}
+        sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--> ")]
+        named = [m for m in sent if "query-name" in m and "execute" in m]
+        assert len(named) == 1, sent
+        # primed on a new connection, then only its rest was sent
+        assert sent[-1] == f"--> (the rest of {json.loads(named[0][4:])['id']})", sent
+        assert query.execute("query-status")["status"] == "running"
+        # a guess that was right is finished, not sent again
+        mon.prime("stop")
+        mon.prime("stop")
+        assert mon.submit("stop").result() == {}
+        assert query.execute("query-status")["status"] == "paused"
+        mon.close()
+    dom.destroy()
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_snapshot_primes_its_transaction(
+    conn, two_disks, root: Path, caplog, monkeypatch, plain: bool
+) -> None:
     # the transaction is written while the request is checked and its intent
-    # written, and finished once QEMU may run it
+    # written, and finished once QEMU may run it; a plain request's (each disk
+    # given its overlay file) before the request is even parsed, on a guess
+    # the plan then keeps
     _base, top, _data = two_disks
     dom = conn.createXML(domain_xml("psn", [("vda", top, "qcow2")]), 0)
+    disks = (
+        f"<disks><disk name='vda' snapshot='external'><source file='{top.parent / 'psn.ov'}'/>"
+        "</disk></disks>"
+        if plain
+        else ""
+    )
+    from virtshift.runtime import snapshot as runtime_snapshot
+
+    parse = runtime_snapshot.parse_snapshot
+    primed_before_parsing: list[bool] = []
+
+    def parse_snapshot(*args: Any, **kwargs: Any) -> Any:
+        said = [r.getMessage() for r in caplog.records]
+        primed_before_parsing.append(any('"execute":"transaction"' in m for m in said))
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_snapshot, "parse_snapshot", parse_snapshot)
     with caplog.at_level(logging.DEBUG, logger="virtshift.qmp"):
         dom.snapshotCreateXML(
-            "<domainsnapshot><name>s</name></domainsnapshot>",
+            f"<domainsnapshot><name>s</name>{disks}</domainsnapshot>",
             libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
         )
+    assert primed_before_parsing == [plain]
     sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--> ")]
     primed = [m for m in sent if '"execute":"transaction"' in m]
     assert len(primed) == 1, sent
     ident = json.loads(primed[0][4:])["id"]
     assert f"--> (the rest of {ident})" in sent
-    assert not [m for m in sent if "withdrawn" in m]
+    assert not [r for r in caplog.records if "withdrawn" in r.getMessage()]
     live = etree.fromstring(dom.XMLDesc(0)).find("devices/disk/source")
     assert live is not None
     assert live.get("file") != str(top)
@@ -621,9 +680,10 @@ def test_a_qemu_is_checked_again_when_its_pid_names_another_process(
 def test_status_written_during_a_snapshot_reads_back_as_parsed(
     conn, two_disks, root: Path, monkeypatch
 ) -> None:
-    # a snapshot builds the new status while QEMU works and, while QEMU is
-    # still busy, keeps what parsing the document gives; a later call in the
-    # same process then uses that, and it must be what a fresh process reads
+    # a snapshot builds the new status while QEMU works and, while QEMU still
+    # runs the transaction, keeps what parsing the document gives; a later call
+    # in the same process then uses that, and it must be what a fresh process
+    # reads
     from virtshift.runtime.driver import Driver
 
     _base, top, _data = two_disks
@@ -647,15 +707,20 @@ def test_status_written_during_a_snapshot_reads_back_as_parsed(
     def no_parsing(text: bytes) -> None:
         raise AssertionError("the status was parsed again")
 
-    # with time to spare the written status is kept parsed ...
-    drv.write_prepared_status("prep", drv.prepare_status("prep", after, spare=lambda: True))
-    fresh = Driver(root).record("prep").status
-    with monkeypatch.context() as patch:
-        patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
-        kept = drv.record("prep").status
-    assert kept == fresh
-    # ... without, it is not, and the next read parses the new file
-    drv.write_prepared_status("prep", drv.prepare_status("prep", after, spare=lambda: False))
+    # read back, the written status is kept parsed (read back when prepared,
+    # or afterwards) ...
+    for prepare in (
+        lambda: drv.prepare_status("prep", after),
+        lambda: drv.read_back(drv.prepare_status("prep", after, read_back=False)),
+    ):
+        drv.write_prepared_status("prep", prepare())
+        fresh = Driver(root).record("prep").status
+        with monkeypatch.context() as patch:
+            patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
+            kept = drv.record("prep").status
+        assert kept == fresh
+    # ... not read back, it is not, and the next read parses the new file
+    drv.write_prepared_status("prep", drv.prepare_status("prep", after, read_back=False))
     with monkeypatch.context() as patch:
         patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
         with pytest.raises(AssertionError, match="parsed again"):

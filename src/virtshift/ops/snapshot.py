@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "SnapshotPlan",
     "apply_overlays",
     "check_paths",
+    "likely_actions",
     "plan_snapshot",
     "snapshot_sync_arguments",
     "transaction_actions",
@@ -393,17 +394,7 @@ def plan_snapshot(
         assert disk is not None
         assert entry.path is not None
         overlays.append(
-            OverlayPlan(
-                target=disk.target,
-                path=entry.path,
-                type=entry.type or "file",
-                format=entry.format or "qcow2",
-                node=disk.source.node_name,
-                index=n,
-                new_node=format_node(n),
-                backing=disk.source,
-                mirror=entry.mirror,
-            )
+            _overlay(disk, entry.path, entry.type or "file", entry.format, n, entry.mirror)
         )
         n += 1
     recorded = dataclasses.replace(
@@ -425,6 +416,60 @@ def plan_snapshot(
         live=active,
         next_index=n,
     )
+
+
+def _overlay(
+    disk: Disk, path: str, typ: str, fmt: str | None, index: int, mirror: SnapshotMirror | None
+) -> OverlayPlan:
+    return OverlayPlan(
+        target=disk.target,
+        path=path,
+        type=typ,
+        format=fmt or "qcow2",
+        node=disk.source.node_name,
+        index=index,
+        new_node=format_node(index),
+        backing=disk.source,
+        mirror=mirror,
+    )
+
+
+def likely_actions(
+    domain: Domain,
+    requested: Mapping[str, tuple[str, str | None]],
+    *,
+    reuse: bool,
+    next_index: int,
+) -> list[dict[str, Any]] | None:
+    """The ``transaction`` a running domain's snapshot most likely takes, from
+    a plain request's disks (``plain_disk_requests``: name -> overlay path
+    and format) before the request is parsed and planned; None when that is
+    not clear (a disk named by its path, a disk left out that would get an
+    overlay of a default name).  Only a guess, for a command primed early:
+    :func:`plan_snapshot` decides, and nothing is checked here.
+
+    :param domain: the live domain.
+    """
+    overlays: list[OverlayPlan] = []
+    n = next_index
+    for disk in domain.disks:
+        entry = requested.get(disk.target)
+        if entry is None:
+            if (
+                disk.readonly
+                or disk.device in ("cdrom", "floppy")
+                or disk.snapshot in ("no", "manual")
+            ):
+                continue
+            return None  # an overlay of a default name
+        if disk.readonly or disk.device in ("cdrom", "floppy") or disk.source.node_name is None:
+            return None
+        path, fmt = entry
+        overlays.append(_overlay(disk, path, "file", fmt, n, None))
+        n += 1
+    if len(overlays) != len(requested) or not overlays:
+        return None  # a name that is no disk's target
+    return _actions(overlays, reuse=reuse)
 
 
 def check_paths(
@@ -507,9 +552,13 @@ def snapshot_sync_arguments(ov: OverlayPlan, *, reuse: bool) -> dict[str, Any]:
 
 def transaction_actions(plan: SnapshotPlan) -> list[dict[str, Any]]:
     """The ``transaction`` action list: one ``blockdev-snapshot-sync`` per overlay."""
+    return _actions(plan.overlays, reuse=plan.reuse)
+
+
+def _actions(overlays: Sequence[OverlayPlan], *, reuse: bool) -> list[dict[str, Any]]:
     return [
-        {"type": "blockdev-snapshot-sync", "data": snapshot_sync_arguments(ov, reuse=plan.reuse)}
-        for ov in plan.overlays
+        {"type": "blockdev-snapshot-sync", "data": snapshot_sync_arguments(ov, reuse=reuse)}
+        for ov in overlays
     ]
 
 

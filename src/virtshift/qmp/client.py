@@ -378,12 +378,26 @@ class Monitor:
         on this monitor withdraws it the same way before it is written.
 
         On a connection started by :meth:`connect_soon` it is written after the
-        negotiation, without waiting for QEMU's answers.  Does nothing when the
-        monitor is not connected or a command is primed already: :meth:`submit`
-        then writes the command whole, as always.
+        negotiation, without waiting for QEMU's answers.  Priming the command
+        that is primed already does nothing; priming another withdraws that
+        one first (a new connection, started as :meth:`connect_soon` does), so a
+        command can be primed on a guess and again once it is known.  Does
+        nothing when the monitor is not connected: :meth:`submit` then writes
+        the command whole, as always.
         """
         with self._lock:
-            if self._sock is None or self._lost is not None or self._primed is not None:
+            primed = self._primed
+            if primed is not None:
+                if primed.command == command and primed.arguments == arguments:
+                    return
+                _log.debug("monitor %s: %s withdrawn", self.path, primed.ident)
+                self._primed = None
+                try:
+                    self._open()
+                except (VirtError, OSError):
+                    self._drop()  # submit() connects again and meets it
+                    return
+            if self._sock is None or self._lost is not None:
                 return
             ident = self._next_id()
             data = self._encode({**_command(command, arguments), "id": ident})

@@ -683,13 +683,13 @@ class Driver:
         self._write_status(name, status)
 
     def prepare_status(
-        self, name: str, status: DomainStatus, *, spare: Callable[[], bool] = lambda: True
+        self, name: str, status: DomainStatus, *, read_back: bool = True
     ) -> PreparedStatus:
         """Everything :meth:`write_prepared_status` needs but putting the file
         in place (done while QEMU works on a command): the text, written under
-        a temporary name (not synced: see :meth:`_write_status`), and, while
-        ``spare()`` says QEMU is still working, what reading it back gives, so
-        that the next call in this process need not parse it.
+        a temporary name (not synced: see :meth:`_write_status`), and, with
+        ``read_back``, what reading it back gives, so that the next call in
+        this process need not parse it (:meth:`read_back` adds that later).
 
         (Not the model itself: what formatting a model gives depends on the
         elements it was parsed from, so a model built in memory can format
@@ -700,12 +700,22 @@ class Driver:
         status = dataclasses.replace(status, caps=self._store_caps(status.caps))
         text = format_status(status)
         file = prepare_atomic(self.status_path(name), text, durable=False)
+        prepared = PreparedStatus(text=text, read_back=None, file=file)
+        if not read_back:
+            return prepared
         try:
-            read_back = self._parse_status(text.encode()) if spare() else None
+            return self.read_back(prepared)
         except BaseException:
             file.discard()
             raise
-        return PreparedStatus(text=text, read_back=read_back, file=file)
+
+    def read_back(self, prepared: PreparedStatus) -> PreparedStatus:
+        """``prepared`` with what reading its document back gives: a moment's
+        parsing that only a next call in this process gains from, for when
+        the caller waits anyway."""
+        if prepared.read_back is not None:
+            return prepared
+        return dataclasses.replace(prepared, read_back=self._parse_status(prepared.text.encode()))
 
     def write_prepared_status(self, name: str, prepared: PreparedStatus) -> None:
         """Write a status made by :meth:`prepare_status` (caller holds the domain

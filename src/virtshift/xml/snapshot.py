@@ -77,6 +77,8 @@ __all__ = [
     "head_fields",
     "libvirt_escape",
     "parse_snapshot",
+    "parse_snapshot_root",
+    "plain_disk_requests",
     "snapshot_from_fields",
     "validate_snapshot_xml",
 ]
@@ -156,6 +158,53 @@ def _parse_root(text: str | bytes) -> etree._Element:
 #: Compiled ``string(path)`` expressions by path (lxml evaluates a compiled
 #: expression under its own lock, so threads can share them).
 _STRING_XPATHS: dict[str, etree.XPath] = {}
+
+
+def parse_snapshot_root(text: str | bytes) -> etree._Element:
+    """The request's root element, parsed as :func:`parse_snapshot` parses it
+    (and can be given it instead of the text).
+
+    :raise VirtError: as :func:`parse_snapshot` for unsafe or malformed XML."""
+    return _parse_root(text)
+
+
+#: What a disk of a plain request (:func:`plain_disk_requests`) may hold.
+_PLAIN_DISK_ATTRS: Final = frozenset({"name", "snapshot", "type"})
+
+
+def plain_disk_requests(root: etree._Element) -> dict[str, tuple[str, str | None]] | None:
+    """For a request whose ``<disks>`` only give each disk an external overlay
+    file (``<disk name snapshot='external'><source file/>``, optionally
+    ``<driver type/>``): its disks by name, each as (overlay path, format or
+    None); None for any other request (a mirror, another snapshot mode or
+    storage type, anything else in a disk).  A guess of what a request asks,
+    for work that starts before it is parsed (:func:`parse_snapshot` decides);
+    nothing is checked or raised here."""
+    out: dict[str, tuple[str, str | None]] = {}
+    disks = root.find("disks")
+    if disks is None:
+        return None
+    for el in disks:
+        if el.tag != "disk" or not _PLAIN_DISK_ATTRS.issuperset(el.attrib):
+            return None
+        name = el.get("name")
+        if not name or name in out or el.get("snapshot", "external") != "external":
+            return None
+        if el.get("type", "file") != "file":
+            return None
+        path: str | None = None
+        fmt: str | None = None
+        for child in el:
+            if child.tag == "source" and path is None and set(child.attrib) == {"file"}:
+                path = child.get("file")
+            elif child.tag == "driver" and fmt is None and set(child.attrib) == {"type"}:
+                fmt = child.get("type")
+            else:
+                return None
+        if not path or not path.startswith("/"):
+            return None
+        out[name] = (path, fmt)
+    return out
 
 
 def _xstr(node: etree._Element, path: str) -> str | None:
@@ -373,7 +422,11 @@ def _parse_memory(
 
 
 def parse_snapshot(
-    text: str | bytes, *, redefine: bool = False, internal: bool = False, offline: bool = False
+    text: str | bytes | etree._Element,
+    *,
+    redefine: bool = False,
+    internal: bool = False,
+    offline: bool = False,
 ) -> SnapshotDef:
     """Parse a ``<domainsnapshot>`` document the way libvirt does.
 
@@ -386,7 +439,8 @@ def parse_snapshot(
     required and the recorded domains are parsed.  ``<active>`` is read only
     with ``internal``.
 
-    :param text: the document; bytes must be UTF-8.
+    :param text: the document; bytes must be UTF-8 (or its root element, from
+        :func:`parse_snapshot_root`).
     :param redefine: libvirt's PARSE_REDEFINE.
     :param internal: libvirt's PARSE_INTERNAL: the document is virtshift's own
         metadata and must carry ``<active>``.
@@ -403,7 +457,7 @@ def parse_snapshot(
         :func:`virtshift.xml.domain.parse_domain`.
     :return: the definition; ``tree`` is the parsed root element.
     """
-    root = _parse_root(text)
+    root = text if isinstance(text, etree._Element) else _parse_root(text)
     name = _xstr(root, "./name")
     if name is None and redefine:
         raise _error(ErrorCode.XML_ERROR, "a redefined snapshot must have a name")
