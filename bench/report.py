@@ -771,6 +771,7 @@ _PHASE_COLS = [
     "load snapshot tree (parse every file)",
     "format status XML",
     "build the new status while QEMU works (overlapped)",
+    "parse the new status back for a next call (while QEMU runs)",
     "format domain XML",
     "format snapshot XML",
     "state writes (write_atomic)",

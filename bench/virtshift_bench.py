@@ -294,6 +294,12 @@ PATCH_POINTS: list[tuple[str, str | None, str, str | None]] = [
         "prepare_status",
         "build the new status while QEMU works (overlapped)",
     ),
+    (
+        "virtshift.runtime.driver",
+        "Driver",
+        "read_back",
+        "parse the new status back for a next call (while QEMU runs)",
+    ),
     ("virtshift.qmp.client", "Monitor", "wait_event", "wait for a QEMU event"),
     ("virtshift.store.files", "FileLock", "acquire", "take the domain lock"),
     ("virtshift.runtime.driver", "Driver", "record", "read + parse status/config XML"),
