@@ -681,21 +681,33 @@ def test_status_written_during_a_snapshot_reads_back_as_parsed(
     conn, two_disks, root: Path, monkeypatch
 ) -> None:
     # a snapshot builds the new status while QEMU works and, while QEMU still
-    # runs the transaction, keeps what parsing the document gives; a later call
-    # in the same process then uses that, and it must be what a fresh process
-    # reads
+    # runs the transaction and a CPU is spare, keeps what parsing the document
+    # gives; a later call in the same process then uses that, and it must be
+    # what a fresh process reads
+    from virtshift.runtime import snapshot as runtime_snapshot
     from virtshift.runtime.driver import Driver
 
     _base, top, _data = two_disks
     dom = conn.createXML(domain_xml("prep", [("vda", top, "qcow2")]), 0)
     overlay = top.parent / "prep-snap.qcow2"
+    drv = conn._driver
+
+    def no_parsing(text: bytes) -> None:
+        raise AssertionError("the status was parsed again")
+
+    # no spare CPU: not read back (QEMU would have waited for it), so the
+    # next call parses the file
+    monkeypatch.setattr(runtime_snapshot, "_spare_cpu", lambda: False)
     dom.snapshotCreateXML(
         "<domainsnapshot><name>s1</name><disks>"
         f"<disk name='vda' snapshot='external'><source file='{overlay}'/></disk>"
         "</disks></domainsnapshot>",
         libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC,
     )
-    drv = conn._driver
+    with monkeypatch.context() as patch:
+        patch.setattr("virtshift.runtime.driver.parse_status", no_parsing)
+        with pytest.raises(AssertionError, match="parsed again"):
+            drv.record("prep")
     after = drv.record("prep").status
     assert after == Driver(root).record("prep").status
     assert [layer.path for layer in after.domain.disks[0].source.chain()] == [
@@ -703,9 +715,6 @@ def test_status_written_during_a_snapshot_reads_back_as_parsed(
         str(top),
         str(_base),
     ]
-
-    def no_parsing(text: bytes) -> None:
-        raise AssertionError("the status was parsed again")
 
     # read back, the written status is kept parsed (read back when prepared,
     # or afterwards) ...

@@ -280,3 +280,14 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path: Path) -> 
     assert remove_stale_temps(tmp_path) == [tmp_path / names[1]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
     assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_a_snapshot_reads_its_status_back_only_with_a_spare_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # QEMU keeps two CPUs busy reading and running a snapshot's transaction
+    from virtshift.runtime import snapshot
+
+    for cpus, spare in ((1, False), (2, False), (3, True), (8, True)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert snapshot._spare_cpu() is spare
