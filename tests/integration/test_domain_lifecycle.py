@@ -736,3 +736,31 @@ def test_status_written_during_a_snapshot_reads_back_as_parsed(
             drv.record("prep")
     assert drv.record("prep").status == fresh
     dom.destroy()
+
+
+def test_a_kept_source_is_a_link_to_the_file_read_while_it_is_that_file(
+    conn, two_disks, root: Path
+) -> None:
+    # a snapshot's intent keeps the file its domain was read from: a hard link
+    # while the file is the one this driver read (its replacement then frees
+    # nothing), a copy of the bytes read once it is not
+    from virtshift.store.files import write_atomic
+
+    _base, top, _data = two_disks
+    conn.defineXML(domain_xml("keep", [("vda", top, "qcow2")]))
+    drv = conn._driver
+    config = root / "etc/qemu/keep.xml"
+    domain = drv.record("keep").config
+    found = drv.source_of("keep", domain)
+    assert found is not None
+    kind, data = found
+    assert kind == "config"
+    assert data == config.read_bytes()
+    kept = root / "kept.xml"
+    drv.keep_source("keep", kind, data, kept)
+    assert kept.stat().st_ino == config.stat().st_ino
+    write_atomic(config, data.replace(b"<name>keep</name>", b"<name>keep</name>\n"))
+    drv.keep_source("keep", kind, data, kept)  # the file was replaced: a copy
+    assert kept.stat().st_ino != config.stat().st_ino
+    assert kept.read_bytes() == data
+    assert config.read_bytes() != data

@@ -330,13 +330,18 @@ def test_intent_parts_give_the_document_the_call_writes(
 
     kept: list[tuple[dict, bytes]] = []
     real_remove = runtime_snapshot.remove_intent
+    origin = root / ("etc/qemu/vm.xml" if persistent else "run/qemu/vm.xml")
+    read: list[os.stat_result] = []  # the domain's file as the call found it
 
     def keep_intent(path: Path) -> None:
         source = path.with_name("snapshot-intent.source.xml")
         kept.append((json.loads(path.read_text()), source.read_bytes()))
+        # the file that was read, linked (not copied), though replaced since
+        assert source.stat().st_ino == read[-1].st_ino
+        assert origin.stat().st_ino != read[-1].st_ino
         real_remove(path)
         assert not path.exists()
-        assert not source.exists()
+        assert source.exists()  # freed by the next snapshot (or with the domain)
 
     monkeypatch.setattr(runtime_snapshot, "remove_intent", keep_intent)
     disks = [(t, make_image(images / f"{t}.qcow2"), "qcow2") for t in TARGETS[:3]]
@@ -358,6 +363,7 @@ def test_intent_parts_give_the_document_the_call_writes(
         ),
     ):
         desc = "caf\u00e9 & <tea> 'quoted' \"too\""
+        read.append(origin.stat())
         dom.snapshotCreateXML(
             f"<domainsnapshot><name>{name}</name><description>{escape(desc)}</description>"
             f"{disk}</domainsnapshot>",

@@ -630,6 +630,7 @@ def write_intent(
         ],
     }
     source: bytes | None = None
+    kind: str | None = None
     if snapshot is not None:
         if snapshot.text is not None:
             data["snapshot"] = snapshot.text
@@ -641,21 +642,28 @@ def write_intent(
     if source is not None:
         # as it is, beside the intent (no JSON escaping of a whole status file),
         # and before it: an intent that names it finds it
-        write_atomic(_intent_source(path), source, durable=False)
+        assert kind is not None
+        driver.keep_source(rec.name, kind, source, _intent_source(path))
     write_atomic(path, json.dumps(data), durable=False)  # runtime: dies with QEMU
     return path
 
 
 def _intent_source(path: Path) -> Path:
-    """Where the file the snapshot's domain was read from is kept for its intent."""
+    """Where the file the snapshot's domain was read from is kept for its
+    intent (a hard link to it, as a rule: see :meth:`Driver.keep_source`).
+
+    Left in place when the intent goes: the link is what makes the rename of
+    the new status over the old one cheap once QEMU has answered, and its
+    removal (the old file's blocks freed) waits for the domain's next
+    snapshot, which does it before QEMU is asked, or for the domain's end
+    (the run directory goes).  Without an intent beside it, it means nothing."""
     return path.with_name("snapshot-intent.source.xml")
 
 
 def remove_intent(path: Path) -> None:
-    """Remove an intent (first: it is what says a snapshot is under way) and the
-    copy of its domain's file."""
+    """Remove an intent (what says a snapshot is under way); the copy of its
+    domain's file stays (see :func:`_intent_source`)."""
     remove_quietly(path)
-    remove_quietly(_intent_source(path))
 
 
 def recover_intent(driver: Driver, name: str) -> None:
