@@ -271,16 +271,8 @@ class Driver:
         hit = self._parsed.get(origin)
         try:
             st = os.lstat(origin)
-            if (
-                hit is not None
-                and hit[2] is data
-                and hit[0]
-                == (
-                    st.st_ino,
-                    st.st_size,
-                    st.st_mtime_ns,
-                )
-            ):
+            now = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if hit is not None and hit[2] is data and hit[0] == now:
                 os.link(origin, target, follow_symlinks=False)
                 return
         except OSError:

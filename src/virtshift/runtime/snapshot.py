@@ -298,6 +298,14 @@ def take_live(
                         prepared = _prepare_commit(driver, rec, plan)
 
                     work.append(prepare)
+
+                def read_back() -> None:
+                    nonlocal prepared
+                    assert prepared is not None
+                    prepared = dataclasses.replace(
+                        prepared, status=driver.read_back(prepared.status)
+                    )
+
                 # while QEMU still reads a primed transaction (Monitor.prime),
                 # work delays nothing; once it runs the transaction, work competes
                 # with it for the CPUs: QEMU gets the rest of the command as soon
@@ -310,9 +318,7 @@ def take_live(
                 if prepared is not None and _spare_cpu() and not pending.done():
                     # what only a next call in this process gains from, while
                     # QEMU still runs the transaction (never before it may)
-                    with contextlib.suppress(Exception):
-                        status = driver.read_back(prepared.status)
-                        prepared = dataclasses.replace(prepared, status=status)
+                    _in_window(read_back)
                 pending.result()
             except VirtError as err:
                 if not (isinstance(err, QMPError) and err.unanswered and _ran(mon, rec, plan, err)):
