@@ -221,12 +221,7 @@ def align_disks(domain: Domain, snap: SnapshotDef, *, active: bool) -> SnapshotD
     aligned: list[SnapshotDisk] = []
     for disk in domain.disks:
         entry = by_target.get(disk.target) or SnapshotDisk(name=disk.target)
-        mode = entry.snapshot
-        if mode is None:
-            if disk.readonly or disk.device in ("cdrom", "floppy"):
-                mode = "no"
-            else:
-                mode = disk.snapshot or "external"
+        mode = entry.snapshot or _default_mode(disk)
         if mode == "manual":
             mode = "no"  # the user takes care of this disk
         if mode == "internal":
@@ -418,6 +413,16 @@ def plan_snapshot(
     )
 
 
+def _never_by_default(disk: Disk) -> bool:
+    """A disk no snapshot covers unless the request names it (libvirt's rule)."""
+    return disk.readonly or disk.device in ("cdrom", "floppy")
+
+
+def _default_mode(disk: Disk) -> str:
+    """A disk's snapshot mode when the request does not say."""
+    return "no" if _never_by_default(disk) else disk.snapshot or "external"
+
+
 def _overlay(
     disk: Disk, path: str, typ: str, fmt: str | None, index: int, mirror: SnapshotMirror | None
 ) -> OverlayPlan:
@@ -455,14 +460,10 @@ def likely_actions(
     for disk in domain.disks:
         entry = requested.get(disk.target)
         if entry is None:
-            if (
-                disk.readonly
-                or disk.device in ("cdrom", "floppy")
-                or disk.snapshot in ("no", "manual")
-            ):
+            if _default_mode(disk) in ("no", "manual"):
                 continue
             return None  # an overlay of a default name
-        if disk.readonly or disk.device in ("cdrom", "floppy") or disk.source.node_name is None:
+        if _never_by_default(disk) or disk.source.node_name is None:
             return None
         path, fmt = entry
         overlays.append(_overlay(disk, path, "file", fmt, n, None))

@@ -635,21 +635,20 @@ def write_intent(
             if (kinds[ov.path] if kinds is not None else path_kind(ov.path)) == PathKind.MISSING
         ],
     }
-    source: bytes | None = None
-    kind: str | None = None
+    source: tuple[str, bytes] | None = None
     if snapshot is not None:
         if snapshot.text is not None:
             data["snapshot"] = snapshot.text
         else:
-            head, kind, source = snapshot.parts()
+            head, kind, data_bytes = snapshot.parts()
             data["snapshot_parts"] = {"head": head, "kind": kind}
+            source = (kind, data_bytes)
     path = intent_path(driver, rec.name)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if source is not None:
         # as it is, beside the intent (no JSON escaping of a whole status file),
         # and before it: an intent that names it finds it
-        assert kind is not None
-        driver.keep_source(rec.name, kind, source, _intent_source(path))
+        driver.keep_source(rec.name, *source, _intent_source(path))
     write_atomic(path, json.dumps(data), durable=False)  # runtime: dies with QEMU
     return path
 
@@ -667,8 +666,8 @@ def _intent_source(path: Path) -> Path:
 
 
 def remove_intent(path: Path) -> None:
-    """Remove an intent (what says a snapshot is under way); the copy of its
-    domain's file stays (see :func:`_intent_source`)."""
+    """Remove an intent (what says a snapshot is under way); the domain's file
+    kept beside it stays (see :func:`_intent_source`)."""
     remove_quietly(path)
 
 
