@@ -731,7 +731,11 @@ class _RawSnap(_SnapSystem):
         self.next_index = max(used, default=self.n) + 1
 
     def _actions(self, new: list[str], names: list[str]) -> list[dict[str, Any]]:
-        """The snapshot's ``transaction`` actions: each disk's top onto ``new``."""
+        """The snapshot's ``transaction`` actions: each disk's top onto ``new``;
+        the command virtshift sends, without QEMU's defaults (``format``
+        qcow2, ``mode`` absolute-paths) as virtshift's since ``snapshot_sync_arguments``
+        left them out."""
+        extra = {"mode": "existing"} if self.reuse else {}
         return [
             {
                 "type": "blockdev-snapshot-sync",
@@ -739,8 +743,7 @@ class _RawSnap(_SnapSystem):
                     "node-name": self.nodes[i],
                     "snapshot-file": new[i],
                     "snapshot-node-name": names[i],
-                    "format": "qcow2",
-                    "mode": "existing" if self.reuse else "absolute-paths",
+                    **extra,
                 },
             }
             for i in range(self.n)
@@ -1857,8 +1860,6 @@ class Bench:
                     "node-name": node,
                     "snapshot-file": str(src / "top.mig.qcow2"),
                     "snapshot-node-name": "ov",
-                    "format": "qcow2",
-                    "mode": "absolute-paths",
                 },
             )
             t1 = time.perf_counter()

@@ -124,11 +124,15 @@ def test_atomic_snapshot_of_n_disks(conn, images: Path, root: Path, ndisks: int)
         assert qemu_io_read(top, "qcow2", 0x80 + i, 65536, "64k")
         info = json.loads(
             subprocess.run(
-                ["qemu-img", "info", "--output=json", "-f", "qcow2", str(top)],
+                ["qemu-img", "info", "--output=json", str(top)],
                 capture_output=True,
                 check=True,
             ).stdout
         )
+        # QEMU's defaults, which the transaction leaves out: a qcow2 overlay
+        # created with its backing file's absolute path
+        assert info["format"] == "qcow2"
+        assert info["backing-filename"] == str(base)
         assert info["backing-filename-format"] == "qcow2"  # explicit backing format
     # and it starts again from the new chain, read from the image headers
     dom.create()

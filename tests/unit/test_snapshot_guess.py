@@ -6,11 +6,20 @@ decides what is submitted), but every guess below must be right."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from virtshift.model.domain import Disk, Domain, StorageSource
 from virtshift.model.status import QemuCaps
-from virtshift.ops.snapshot import CreateFlags, likely_actions, plan_snapshot, transaction_actions
+from virtshift.ops.snapshot import (
+    CreateFlags,
+    SnapshotPlan,
+    likely_actions,
+    plan_snapshot,
+    snapshot_sync_arguments,
+    transaction_actions,
+)
 from virtshift.xml.snapshot import (
     apply_creation_defaults,
     parse_snapshot,
@@ -49,8 +58,12 @@ def _request(disks: str) -> str:
 
 
 def _planned(xml: str, flags: int) -> list[dict[str, object]]:
+    return transaction_actions(_plan(xml, flags))
+
+
+def _plan(xml: str, flags: int) -> SnapshotPlan:
     snap = apply_creation_defaults(parse_snapshot(xml), creation_time=1)
-    plan = plan_snapshot(
+    return plan_snapshot(
         DOMAIN,
         snap,
         flags=flags,
@@ -60,7 +73,6 @@ def _planned(xml: str, flags: int) -> list[dict[str, object]]:
         creation_time=1,
         state="running",
     )
-    return transaction_actions(plan)
 
 
 def _guessed(xml: str, flags: int) -> list[dict[str, object]] | None:
@@ -131,3 +143,41 @@ def test_no_guess_without_disks() -> None:
 def test_the_parsed_root_parses_as_the_text() -> None:
     xml = _request(A + B)
     assert parse_snapshot(parse_snapshot_root(xml)) == parse_snapshot(xml)
+
+
+@pytest.mark.parametrize(
+    ("disk", "flags", "data"),
+    [
+        # QEMU's defaults (format qcow2, the only one planned; mode
+        # absolute-paths, which creates the overlay) are left out of what QEMU
+        # reads one byte at a time
+        (A, ATOMIC, {}),
+        (A.replace("<source", "<driver type='qcow2'/><source"), ATOMIC, {}),
+        (A, REUSE, {"mode": "existing"}),
+    ],
+)
+def test_the_transaction_leaves_out_qemus_defaults(
+    disk: str, flags: int, data: dict[str, str]
+) -> None:
+    xml = _request(disk + B)
+    actions = _planned(xml, flags)
+    assert actions == [
+        {
+            "type": "blockdev-snapshot-sync",
+            "data": {
+                "node-name": f"libvirt-{node}-format",
+                "snapshot-file": f"/o/{name}.qcow2",
+                "snapshot-node-name": f"libvirt-{new}-format",
+                **data,
+            },
+        }
+        for node, name, new in ((1, "a", 7), (2, "b", 8))
+    ]
+    assert _guessed(xml, flags) == actions
+
+
+def test_a_format_other_than_qcow2_is_sent() -> None:
+    ov = _plan(_request(A + B), REUSE).overlays[0]
+    args = snapshot_sync_arguments(dataclasses.replace(ov, format="qed"), reuse=True)
+    assert args["format"] == "qed"
+    assert args["mode"] == "existing"
