@@ -516,6 +516,11 @@ def numbers_section(results: dict[str, Any], out_dir: Path, repo: Path) -> str:
     L.append(
         f"- images on `{m.get('work_fs')}`; one durable state write (`write_atomic`: write, fsync, "
         f"rename, fsync dir) costs {m.get('fsync_write_atomic_ms')} ms here"
+        + (
+            f", creating a file there {m['create_file_ms']} ms"
+            if m.get("create_file_ms") is not None
+            else ""
+        )
     )
     L.append(
         f"- load: at start `{m.get('uptime_start')}`; at end `{meta.get('uptime_end', '?')}` "
