@@ -12,7 +12,7 @@ driver::
                                       last snapshot's snapshot-intent.source.xml
     run/lock/NAME.lock                per-domain lock (flock), run/lock/driver.lock
     log/qemu/NAME.log                 QEMU's stdout/stderr, appended per start
-    lib/qemu/snapshot/NAME/           snapshot metadata (later)
+    lib/qemu/snapshot/NAME/           snapshot metadata (store/snapshots.py)
 
 Rules kept here:
 
